@@ -1,0 +1,382 @@
+//! Thin wrappers over the maintained primitive crates: randomness, secrets, HKDF/HMAC-SHA-256,
+//! AES-256-GCM, X25519 and ML-KEM-768. No primitive is implemented here; these wrappers only
+//! fix sizes, zeroize what is secret and turn failures into typed errors.
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use hmac::Mac;
+use ml_kem::kem::{Decapsulate, Encapsulate, KeyExport};
+use sha2::{Digest, Sha256};
+use std::convert::Infallible;
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// Source of cryptographic randomness. Production uses [`OsRandom`]; tests and fuzzers use
+/// [`DeterministicRandom`] so that runs are reproducible.
+pub trait SecureRandom {
+    fn fill(&mut self, out: &mut [u8]);
+}
+
+/// The operating system's CSPRNG (getrandom).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsRandom;
+
+impl SecureRandom for OsRandom {
+    fn fill(&mut self, out: &mut [u8]) {
+        getrandom::fill(out).expect("operating system random source failed");
+    }
+}
+
+/// SHA-256 in counter mode over a seed. Reproducible, for tests and fuzzing only: its output
+/// is as predictable as its seed.
+#[derive(Clone)]
+pub struct DeterministicRandom {
+    seed: [u8; 32],
+    counter: u64,
+}
+
+impl DeterministicRandom {
+    pub fn new(seed: u64) -> Self {
+        let mut s = [0u8; 32];
+        s[..8].copy_from_slice(&seed.to_be_bytes());
+        DeterministicRandom {
+            seed: s,
+            counter: 0,
+        }
+    }
+}
+
+impl SecureRandom for DeterministicRandom {
+    fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(32) {
+            let block = Sha256::new()
+                .chain_update(self.seed)
+                .chain_update(self.counter.to_be_bytes())
+                .finalize();
+            self.counter += 1;
+            chunk.copy_from_slice(&block[..chunk.len()]);
+        }
+    }
+}
+
+pub fn random_array<const N: usize>(rng: &mut dyn SecureRandom) -> [u8; N] {
+    let mut out = [0u8; N];
+    rng.fill(&mut out);
+    out
+}
+
+/// Adapter to the rand_core 0.10 traits (ml-kem).
+pub(crate) struct RandCore10<'a>(pub &'a mut dyn SecureRandom);
+
+impl rand_core::TryRng for RandCore10<'_> {
+    type Error = Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        let mut b = [0u8; 4];
+        self.0.fill(&mut b);
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        let mut b = [0u8; 8];
+        self.0.fill(&mut b);
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        self.0.fill(dst);
+        Ok(())
+    }
+}
+impl rand_core::TryCryptoRng for RandCore10<'_> {}
+
+/// Adapter to the rand_core 0.6 traits that fn-dsa re-exports.
+pub(crate) struct RandCore06<'a>(pub &'a mut dyn SecureRandom);
+
+impl fn_dsa::RngCore for RandCore06<'_> {
+    fn next_u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        self.0.fill(&mut b);
+        u32::from_le_bytes(b)
+    }
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.0.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.0.fill(dest)
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), fn_dsa::RngError> {
+        self.0.fill(dest);
+        Ok(())
+    }
+}
+impl fn_dsa::CryptoRng for RandCore06<'_> {}
+
+/// A 32-byte secret: zeroized on drop, compared in constant time, never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct Secret32([u8; 32]);
+
+impl Secret32 {
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Secret32(b)
+    }
+    pub fn random(rng: &mut dyn SecureRandom) -> Self {
+        Secret32(random_array(rng))
+    }
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret32(<secret>)")
+    }
+}
+
+impl PartialEq for Secret32 {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+impl Eq for Secret32 {}
+
+/// Failures of the primitive layer. Deliberately coarse: an attacker learns only "failed".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum CryptoError {
+    #[error("authentication failed")]
+    Auth,
+    #[error("invalid public key")]
+    BadPublicKey,
+    #[error("invalid key encoding")]
+    BadEncoding,
+}
+
+pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = <HmacSha256 as hmac::KeyInit>::new_from_slice(key).expect("HMAC takes any key");
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// Constant-time equality of two MACs.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// HKDF-Extract(salt, ikm parts concatenated).
+pub fn hkdf_extract(salt: &[u8], ikm: &[&[u8]]) -> Secret32 {
+    let mut ex = hkdf::HkdfExtract::<Sha256>::new(Some(salt));
+    for p in ikm {
+        ex.input_ikm(p);
+    }
+    let (prk, _) = ex.finalize();
+    Secret32(prk.into())
+}
+
+/// HKDF-Expand(prk, label || context) to 32 bytes.
+pub fn hkdf_expand(prk: &Secret32, label: &[u8], context: &[u8]) -> Secret32 {
+    let hk = hkdf::Hkdf::<Sha256>::from_prk(prk.expose()).expect("32-byte PRK is valid");
+    let mut out = [0u8; 32];
+    hk.expand_multi_info(&[label, context], &mut out)
+        .expect("32 bytes is a valid HKDF length");
+    Secret32(out)
+}
+
+/// AES-256-GCM tag length.
+pub const TAG_LEN: usize = 16;
+
+/// Encrypts `buf[start..]` in place and appends the tag. `nonce` must never repeat for a key;
+/// callers guarantee that by construction (one key per message, or a strict counter).
+pub fn aead_seal(key: &Secret32, nonce: &[u8; 12], aad: &[u8], buf: &mut Vec<u8>, start: usize) {
+    let cipher = Aes256Gcm::new(key.expose().into());
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::from(*nonce), aad, (&mut buf[start..]).into())
+        .expect("AES-GCM input within limits");
+    buf.extend_from_slice(&tag);
+}
+
+/// Decrypts `ciphertext || tag` in place; returns the plaintext length.
+pub fn aead_open(
+    key: &Secret32,
+    nonce: &[u8; 12],
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<usize, CryptoError> {
+    if buf.len() < TAG_LEN {
+        return Err(CryptoError::Auth);
+    }
+    let n = buf.len() - TAG_LEN;
+    let (ct, tag) = buf.split_at_mut(n);
+    let tag = Tag::try_from(&tag[..]).map_err(|_| CryptoError::Auth)?;
+    let cipher = Aes256Gcm::new(key.expose().into());
+    cipher
+        .decrypt_inout_detached(&Nonce::from(*nonce), aad, ct.into(), &tag)
+        .map_err(|_| CryptoError::Auth)?;
+    Ok(n)
+}
+
+/// Convenience: seal to a new vector.
+pub fn aead_seal_vec(key: &Secret32, nonce: &[u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    v.extend_from_slice(plaintext);
+    aead_seal(key, nonce, aad, &mut v, 0);
+    v
+}
+
+/// Convenience: open to a new vector.
+pub fn aead_open_vec(
+    key: &Secret32,
+    nonce: &[u8; 12],
+    aad: &[u8],
+    ciphertext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let mut v = ciphertext.to_vec();
+    let n = aead_open(key, nonce, aad, &mut v)?;
+    v.truncate(n);
+    Ok(v)
+}
+
+/// X25519 public key length.
+pub const X25519_LEN: usize = 32;
+
+/// An X25519 key pair (ephemeral or ratchet key).
+pub struct X25519Secret(x25519_dalek::StaticSecret);
+
+impl X25519Secret {
+    pub fn generate(rng: &mut dyn SecureRandom) -> Self {
+        let mut b = random_array::<32>(rng);
+        let s = x25519_dalek::StaticSecret::from(b);
+        b.zeroize();
+        X25519Secret(s)
+    }
+    pub fn public(&self) -> [u8; 32] {
+        x25519_dalek::PublicKey::from(&self.0).to_bytes()
+    }
+    /// Diffie-Hellman; refuses low-order peer keys (all-zero output).
+    pub fn agree(&self, peer: &[u8; 32]) -> Result<Secret32, CryptoError> {
+        let ss = self.0.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
+        if !ss.was_contributory() {
+            return Err(CryptoError::BadPublicKey);
+        }
+        Ok(Secret32(ss.to_bytes()))
+    }
+}
+
+impl std::fmt::Debug for X25519Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "X25519Secret(public={:02x?}, <secret>)",
+            &self.public()[..4]
+        )
+    }
+}
+
+/// ML-KEM-768 encapsulation key length.
+pub const MLKEM_EK_LEN: usize = 1184;
+/// ML-KEM-768 ciphertext length.
+pub const MLKEM_CT_LEN: usize = 1088;
+
+/// An ML-KEM-768 decapsulation key (zeroized on drop by the ml-kem crate).
+pub struct MlKemSecret(ml_kem::DecapsulationKey768);
+
+impl MlKemSecret {
+    pub fn generate(rng: &mut dyn SecureRandom) -> Self {
+        let mut seed = ml_kem::Seed::default();
+        rng.fill(&mut seed);
+        let dk = ml_kem::DecapsulationKey768::from_seed(seed);
+        seed.zeroize();
+        MlKemSecret(dk)
+    }
+    pub fn public(&self) -> Vec<u8> {
+        self.0.encapsulation_key().to_bytes().to_vec()
+    }
+    pub fn decapsulate(&self, ct: &[u8]) -> Result<Secret32, CryptoError> {
+        if ct.len() != MLKEM_CT_LEN {
+            return Err(CryptoError::BadEncoding);
+        }
+        let ss = self
+            .0
+            .decapsulate_slice(ct)
+            .map_err(|_| CryptoError::BadEncoding)?;
+        Ok(Secret32(ss.into()))
+    }
+}
+
+impl std::fmt::Debug for MlKemSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MlKemSecret(<secret>)")
+    }
+}
+
+/// Encapsulates to a peer's ML-KEM-768 key: returns (ciphertext, shared secret).
+pub fn mlkem_encapsulate(
+    rng: &mut dyn SecureRandom,
+    ek: &[u8],
+) -> Result<(Vec<u8>, Secret32), CryptoError> {
+    let key = ml_kem::kem::Key::<ml_kem::EncapsulationKey768>::try_from(ek)
+        .map_err(|_| CryptoError::BadPublicKey)?;
+    let ek = ml_kem::EncapsulationKey768::new(&key).map_err(|_| CryptoError::BadPublicKey)?;
+    let (ct, ss) = ek.encapsulate_with_rng(&mut RandCore10(rng));
+    Ok((ct.to_vec(), Secret32(ss.into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aead_round_trip_and_tamper() {
+        let key = Secret32([7; 32]);
+        let n = [1u8; 12];
+        let ct = aead_seal_vec(&key, &n, b"aad", b"hello");
+        assert_eq!(aead_open_vec(&key, &n, b"aad", &ct).unwrap(), b"hello");
+        assert_eq!(aead_open_vec(&key, &n, b"aaX", &ct), Err(CryptoError::Auth));
+        for i in 0..ct.len() {
+            let mut t = ct.clone();
+            t[i] ^= 1;
+            assert_eq!(aead_open_vec(&key, &n, b"aad", &t), Err(CryptoError::Auth));
+        }
+        assert_eq!(
+            aead_open_vec(&key, &n, b"aad", &ct[..3]),
+            Err(CryptoError::Auth)
+        );
+    }
+
+    #[test]
+    fn hybrid_primitives_agree() {
+        let mut rng = DeterministicRandom::new(1);
+        let a = X25519Secret::generate(&mut rng);
+        let b = X25519Secret::generate(&mut rng);
+        assert_eq!(a.agree(&b.public()).unwrap(), b.agree(&a.public()).unwrap());
+        assert_eq!(a.agree(&[0u8; 32]).unwrap_err(), CryptoError::BadPublicKey);
+
+        let dk = MlKemSecret::generate(&mut rng);
+        let ek = dk.public();
+        assert_eq!(ek.len(), MLKEM_EK_LEN);
+        let (ct, ss) = mlkem_encapsulate(&mut rng, &ek).unwrap();
+        assert_eq!(ct.len(), MLKEM_CT_LEN);
+        assert_eq!(dk.decapsulate(&ct).unwrap(), ss);
+        assert!(mlkem_encapsulate(&mut rng, &ek[1..]).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret32([0xab; 32]);
+        assert!(!format!("{s:?}").contains("ab"));
+        let mut rng = DeterministicRandom::new(2);
+        assert!(format!("{:?}", MlKemSecret::generate(&mut rng)).contains("<secret>"));
+    }
+}

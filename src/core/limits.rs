@@ -1,0 +1,78 @@
+//! Named limits. Every quantity a peer can make us store, wait for or compute is bounded by
+//! one of these constants, and every decoder checks against them before it allocates.
+
+use std::time::Duration;
+
+/// Wire protocol version spoken by this build. It is inside every signed transcript.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Largest handshake message body (an SLH-DSA-SHA2-128f signature is 17 088 bytes).
+pub const MAX_HANDSHAKE_MSG: usize = 32 * 1024;
+/// Largest application plaintext carried by one ratchet record.
+pub const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+/// Largest record body of any type on a stream link (handshake messages are the largest).
+pub const MAX_RECORD_BODY: usize = MAX_HANDSHAKE_MSG;
+/// Largest datagram record (one IP packet plus overhead).
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// A chain may skip at most this many message keys in one jump (Signal's MAX_SKIP).
+pub const MAX_SKIP: u32 = 1000;
+/// Total skipped message keys kept across all chains; the oldest are evicted beyond this.
+pub const MAX_SKIPPED_KEYS: usize = 2000;
+/// Receiving chains remembered besides the current one (for late messages of old chains).
+pub const MAX_OLD_CHAINS: usize = 4;
+
+/// A DH ratchet step happens on the first send after a new peer ratchet key arrived, but at
+/// most once per this interval (bounds the X25519 cost of fast direction changes).
+pub const DH_RATCHET_MIN_INTERVAL: Duration = Duration::from_millis(20);
+/// A receiver that has taken this many records without sending sends an empty ratchet
+/// acknowledgement, so a one-way stream still steps the ratchet every N messages.
+pub const RATCHET_ACK_EVERY_MESSAGES: u32 = 1024;
+/// ... or after this long.
+pub const RATCHET_ACK_INTERVAL: Duration = Duration::from_secs(10);
+/// A post-quantum KEM ratchet step is started after this many DH steps of our own ...
+pub const PQ_RATCHET_EVERY_STEPS: u32 = 8;
+/// ... or when this much time has passed since the last one, whichever comes first.
+pub const PQ_RATCHET_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Datagram replay window, in packets (a multiple of 64).
+pub const REPLAY_WINDOW: u64 = 4096;
+/// A datagram sender moves to a new epoch key after this many packets ...
+pub const DATAGRAM_REKEY_PACKETS: u64 = 1 << 24;
+/// ... or after this long.
+pub const DATAGRAM_REKEY_INTERVAL: Duration = Duration::from_secs(120);
+/// Receivers keep the previous epoch key this long so packets in flight still open.
+pub const DATAGRAM_EPOCH_GRACE: Duration = Duration::from_secs(10);
+
+/// A handshake must complete within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle sessions send a ping after this long ...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// ... and are closed when nothing at all arrived for this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Channels open at once in one session.
+pub const MAX_CHANNELS: usize = 256;
+/// Initial and maximum receive window per channel, in bytes.
+pub const CHANNEL_WINDOW: u32 = 1 << 20;
+/// Bytes of a single DATA frame.
+pub const MAX_FRAME_DATA: usize = MAX_RECORD_PLAINTEXT - 16;
+/// Bytes of a channel open parameter block or a close reason.
+pub const MAX_CHANNEL_PARAMS: usize = 4096;
+/// Bytes of a display name.
+pub const MAX_NAME: usize = 64;
+/// Bytes of a chat message.
+pub const MAX_CHAT_MESSAGE: usize = 8192;
+/// Records a session queues for sending before the application must wait.
+pub const MAX_QUEUED_RECORDS: usize = 4096;
+
+/// Handshakes in progress at once on a listener.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
+/// Established sessions at once on a listener.
+pub const MAX_SESSIONS: usize = 256;
+/// Handshakes per second accepted from one IP address (token bucket rate) ...
+pub const HANDSHAKES_PER_IP_PER_SEC: u32 = 5;
+/// ... and the bucket's burst.
+pub const HANDSHAKE_BURST_PER_IP: u32 = 20;
+/// Pre-shared key length in bytes.
+pub const PSK_LEN: usize = 32;

@@ -1,0 +1,9 @@
+//! The sans-IO protocol core: identity, handshake, ratchet, record and frame codecs, channel
+//! multiplexing and replay protection. Nothing in here opens a socket, reads a clock or spawns
+//! a task: callers pass bytes and the current time in, and poll actions out.
+
+pub mod codec;
+pub mod crypto;
+pub mod identity;
+pub mod labels;
+pub mod limits;
