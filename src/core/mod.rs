@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod crypto;
+pub mod handshake;
 pub mod identity;
 pub mod labels;
 pub mod limits;
