@@ -178,17 +178,15 @@ fn derive_keys(psk: Option<&Secret32>, kem_ss: &Secret32, dh_ss: &Secret32, th: 
 fn finish_output(
     keys: &Keys,
     t: &Transcript,
-    peer: PublicIdentity,
-    peer_name: String,
-    version: u8,
-    suite: u8,
+    peer: AuthBlock,
+    (version, suite): (u8, u8),
     own_dh: X25519Secret,
     peer_dh: [u8; 32],
 ) -> HandshakeOutput {
     let th = t.hash();
     HandshakeOutput {
-        peer,
-        peer_name,
+        peer: peer.identity,
+        peer_name: peer.name,
         version,
         suite,
         session_id: *hkdf_expand(&keys.hs, labels::SESSION_ID, &th).expose(),
@@ -406,16 +404,7 @@ impl InitiatorVerified {
             &keys.fin_init,
         );
         let body = aead_seal_vec(&keys.k_init, &NONCE0, &[], &block);
-        let out = finish_output(
-            &keys,
-            &t,
-            peer.identity,
-            peer.name,
-            version,
-            suite,
-            dh,
-            peer_dh,
-        );
+        let out = finish_output(&keys, &t, peer, (version, suite), dh, peer_dh);
         (body, out)
     }
 }
@@ -538,10 +527,8 @@ impl ResponderSent {
         Ok(finish_output(
             &keys,
             &t,
-            peer.identity,
-            peer.name,
-            version,
-            suite,
+            peer,
+            (version, suite),
             dh,
             peer_dh,
         ))
