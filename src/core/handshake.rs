@@ -43,7 +43,7 @@ pub const MAX_LIST: usize = 16;
 pub const FLAG_PSK: u8 = 0x01;
 const KNOWN_FLAGS: u8 = FLAG_PSK;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum HandshakeError {
     #[error("malformed handshake message: {0}")]
     Malformed(#[from] DecodeError),

@@ -96,7 +96,7 @@ impl FromStr for Algorithm {
     }
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("unknown signature algorithm id {0}")]
     UnknownAlgorithm(u8),

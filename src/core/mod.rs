@@ -2,9 +2,13 @@
 //! multiplexing and replay protection. Nothing in here opens a socket, reads a clock or spawns
 //! a task: callers pass bytes and the current time in, and poll actions out.
 
+pub mod admission;
 pub mod codec;
 pub mod crypto;
+pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod labels;
 pub mod limits;
+pub mod ratchet;
+pub mod session;

@@ -1,0 +1,270 @@
+//! The command-line front end shared by the `qssh` binary and `examples/p2p_demo.rs`.
+//!
+//! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
+//! something to do. Connection and authentication failures exit with 255, as ssh does.
+
+use crate::app::chat::{self, ConnectOptions, ListenOptions};
+use crate::app::keys::describe_identity;
+use crate::app::store::Home;
+use crate::core::identity::Algorithm;
+use crate::core::limits::PSK_LEN;
+use crate::core::crypto::Secret32;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// Default TCP port of a listener.
+pub const DEFAULT_PORT: u16 = 22222;
+/// Exit status for connection and authentication failures (as ssh).
+pub const EXIT_CONNECT: i32 = 255;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qssh",
+    version,
+    about = "Quantum-safe peer-to-peer shell, chat and tunnels. Every invocation is a full peer."
+)]
+pub struct Cli {
+    /// More logging on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// State directory (default: $QSSH_HOME or ~/.qssh).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create this peer's identity (refuses to replace one without --force).
+    Keygen {
+        /// Signature algorithm: falcon512 (default) or slh-dsa-sha2-128f.
+        #[arg(long, default_value = "falcon512")]
+        alg: String,
+        /// Replace an existing identity (this changes your peer ID).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this peer's ID (first line, alone), algorithm, fingerprint and key sizes.
+    Id,
+    /// Wait for peers: chat with everyone who connects.
+    Listen {
+        /// Address to bind (default: all IPv4 and IPv6 addresses).
+        #[arg(long, value_name = "IP")]
+        bind: Option<IpAddr>,
+        /// TCP port.
+        #[arg(short, long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+        /// Name shown to peers (default: user@host).
+        #[arg(long)]
+        name: Option<String>,
+        /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
+        #[arg(long, value_name = "FILE")]
+        psk_file: Option<PathBuf>,
+    },
+    /// Connect to a peer and chat: TARGET is host, host:port or PEERID@host:port.
+    Connect {
+        target: String,
+        /// Trust and remember a peer seen for the first time without asking.
+        #[arg(long)]
+        accept_new: bool,
+        /// Name shown to the peer (default: user@host).
+        #[arg(long)]
+        name: Option<String>,
+        /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into the handshake.
+        #[arg(long, value_name = "FILE")]
+        psk_file: Option<PathBuf>,
+        /// Port, when TARGET does not name one.
+        #[arg(short, long)]
+        port: Option<u16>,
+    },
+    /// Run a listener and a connector over loopback and show the handshake and a chat.
+    Demo,
+}
+
+/// Runs the CLI with `args`; returns the process exit status.
+pub fn run<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logging(cli.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qssh: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let code = match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<crate::app::dial::ConnectError>()
+                .map_or(1, |_| EXIT_CONNECT);
+            eprintln!("qssh: {}", one_line(&e));
+            code
+        }
+    };
+    // Do not wait for a blocking stdin reader thread.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+/// `a: b: c` from an error chain, on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QSSH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("qssh={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn open_home(cli_home: &Option<PathBuf>) -> Result<Home> {
+    Ok(match cli_home {
+        Some(p) => Home::open(p)?,
+        None => Home::from_env()?,
+    })
+}
+
+/// Reads a pre-shared key file: exactly 32 raw bytes, or 64 hex digits (whitespace ignored).
+pub fn read_psk(path: &Path) -> Result<Secret32> {
+    let data = zeroize::Zeroizing::new(
+        std::fs::read(path).with_context(|| format!("cannot read PSK file {}", path.display()))?,
+    );
+    let mut key = [0u8; PSK_LEN];
+    if data.len() == PSK_LEN {
+        key.copy_from_slice(&data);
+        return Ok(Secret32::from_bytes(key));
+    }
+    let hex: Vec<u8> = data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    if hex.len() != 2 * PSK_LEN {
+        bail!(
+            "PSK file {} must hold exactly {PSK_LEN} bytes or {} hex digits (try: head -c 32 /dev/urandom > FILE)",
+            path.display(),
+            2 * PSK_LEN
+        );
+    }
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok();
+        key[i] = s
+            .and_then(|s| u8::from_str_radix(s, 16).ok())
+            .with_context(|| format!("PSK file {} is not valid hex", path.display()))?;
+    }
+    Ok(Secret32::from_bytes(key))
+}
+
+/// The default display name: user@host.
+pub fn default_name() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "qssh".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Keygen { alg, force } => {
+            let alg: Algorithm = alg.parse()?;
+            let home = open_home(&cli.home)?;
+            let id = home.keygen(alg, force)?;
+            eprintln!("created identity {}", home.identity_path().display());
+            print_identity(&describe_identity(&id));
+            Ok(0)
+        }
+        Command::Id => {
+            let home = open_home(&cli.home)?;
+            let loaded = home.load_or_create_identity(Algorithm::Falcon512)?;
+            if loaded.created {
+                eprintln!("created identity {}", home.identity_path().display());
+            }
+            print_identity(&describe_identity(&loaded.identity));
+            Ok(0)
+        }
+        Command::Listen {
+            bind,
+            port,
+            name,
+            psk_file,
+        } => {
+            let home = open_home(&cli.home)?;
+            let psk = psk_file.as_deref().map(read_psk).transpose()?;
+            chat::listen(
+                &home,
+                ListenOptions {
+                    bind,
+                    port,
+                    name: name.unwrap_or_else(default_name),
+                    psk,
+                },
+            )
+            .await
+        }
+        Command::Connect {
+            target,
+            accept_new,
+            name,
+            psk_file,
+            port,
+        } => {
+            let home = open_home(&cli.home)?;
+            let psk = psk_file.as_deref().map(read_psk).transpose()?;
+            chat::connect(
+                &home,
+                ConnectOptions {
+                    target,
+                    default_port: port.unwrap_or(DEFAULT_PORT),
+                    accept_new,
+                    name: name.unwrap_or_else(default_name),
+                    psk,
+                },
+            )
+            .await
+        }
+        Command::Demo => crate::app::demo::run().await,
+    }
+}
+
+fn print_identity(info: &crate::app::keys::IdentityInfo) {
+    println!("{}", info.peer_id);
+    println!("algorithm:   {}", info.algorithm_name);
+    println!("fingerprint: {}", info.fingerprint);
+    println!(
+        "sizes:       public key {} bytes, signature {} bytes",
+        info.public_key_len, info.signature_len
+    );
+}

@@ -1,0 +1,1053 @@
+//! A qssh session over a reliable, ordered byte stream (TCP today, a QUIC stream later):
+//! stream records, the handshake, the ratchet, channels with flow control, keepalives and a
+//! graceful close — with no I/O.
+//!
+//! Calling order, as in quinn-proto's `Connection`:
+//! 1. feed received bytes with [`Session::handle_input`] and expired timers with
+//!    [`Session::handle_timeout`];
+//! 2. drain [`Session::poll_transmit`] to the link, [`Session::poll_event`] to the
+//!    application, and arm a timer for [`Session::poll_timeout`];
+//! 3. application calls ([`Session::open_channel`], [`Session::send`], ...) queue frames that
+//!    the next `poll_transmit` seals into records (several frames per record when they fit).
+//!
+//! Stream record: `len u32 | type u8 | body`, `len` = 1 + body length, at most
+//! `1 + MAX_RECORD_BODY`; an oversized prefix ends the session before its body is read.
+
+use super::codec::{DecodeError, Reader, Writer};
+use super::crypto::SecureRandom;
+use super::frame::{ChannelKind, CloseCode, Frame};
+use super::handshake::{
+    self, HandshakeConfig, HandshakeError, InitiatorSent, InitiatorVerified, ResponderSent,
+};
+use super::identity::{PeerId, PublicIdentity};
+use super::limits::{
+    CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_CHANNELS,
+    MAX_CHANNEL_PARAMS, MAX_FRAME_DATA, MAX_QUEUED_RECORDS, MAX_RECORD_BODY,
+    MAX_RECORD_PLAINTEXT,
+};
+use super::ratchet::{Ratchet, RatchetError, RatchetInit};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::time::Instant;
+use thiserror::Error;
+
+/// Stream record types (the first byte after the length). UDP links reuse the same numbers
+/// as their first byte (RFC 7983-style demultiplexing).
+pub mod record_type {
+    pub const INIT: u8 = 1;
+    pub const RESP: u8 = 2;
+    pub const FINISH: u8 = 3;
+    pub const RATCHET: u8 = 4;
+    pub const DATAGRAM: u8 = 5;
+    /// Unauthenticated refusal during the handshake (code u8, reason vec16 ≤ 256 bytes).
+    pub const ALERT: u8 = 6;
+}
+
+/// Longest reason accepted in an ALERT.
+pub const MAX_ALERT_REASON: usize = 256;
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CloseReason {
+    #[error("closed")]
+    Normal,
+    #[error("peer closed the session: {0}")]
+    PeerClosed(String),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("peer refused the handshake: {0}")]
+    PeerAlert(String),
+    #[error("peer identity {got} is not the expected {expected}")]
+    WrongPeer { expected: PeerId, got: PeerId },
+    #[error("peer identity not accepted")]
+    PeerNotAccepted,
+    #[error("record authentication failed: {0}")]
+    Ratchet(#[from] RatchetError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("peer stopped responding")]
+    IdleTimeout,
+    #[error("connection closed by the transport before the session ended")]
+    TransportClosed,
+}
+
+impl From<DecodeError> for CloseReason {
+    fn from(e: DecodeError) -> Self {
+        CloseReason::Protocol(e.to_string())
+    }
+}
+
+/// What the application learns from the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Initiator without a pinned peer ID: the responder proved this identity. Call
+    /// [`Session::accept_peer`] (after known_peers or a trust-on-first-use question).
+    VerifyPeer { peer: PublicIdentity, name: String },
+    /// Both sides are authenticated and confirmed; channels can be used.
+    Established {
+        peer: PublicIdentity,
+        name: String,
+        session_id: [u8; 32],
+    },
+    /// The peer asks to open a channel: answer with accept_channel or reject_channel.
+    ChannelRequest {
+        ch: u32,
+        kind: ChannelKind,
+        params: Vec<u8>,
+    },
+    ChannelAccepted { ch: u32 },
+    ChannelRefused {
+        ch: u32,
+        code: CloseCode,
+        reason: String,
+    },
+    Data { ch: u32, data: Vec<u8> },
+    Eof { ch: u32 },
+    ChannelClosed {
+        ch: u32,
+        code: CloseCode,
+        reason: String,
+    },
+    /// The peer announced a new datagram epoch secret for its sending direction.
+    DatagramEpoch { epoch: u32, secret: [u8; 32] },
+    /// A ping we sent came back.
+    Pong { rtt: std::time::Duration },
+    /// The session is over; nothing more will be accepted. Remaining transmits (a close
+    /// acknowledgement) should still be flushed.
+    Closed { reason: CloseReason },
+}
+
+/// Errors returned to the application's own calls.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SessionError {
+    #[error("session is not established")]
+    NotEstablished,
+    #[error("session is closed")]
+    Closed,
+    #[error("no such channel {0}")]
+    NoChannel(u32),
+    #[error("too many channels")]
+    TooManyChannels,
+    #[error("channel parameters too long")]
+    ParamsTooLong,
+    #[error("message too long ({0} bytes)")]
+    TooLong(usize),
+    #[error("channel {0} already finished sending")]
+    AfterEof(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChanState {
+    /// We asked; waiting for OPEN_OK.
+    Opening,
+    /// The peer asked; waiting for the application's answer.
+    Requested,
+    Open,
+}
+
+#[derive(Debug)]
+struct Channel {
+    kind: ChannelKind,
+    state: ChanState,
+    /// Bytes the peer still allows us to send.
+    send_window: u64,
+    /// Bytes we still allow the peer to send.
+    recv_window: u64,
+    /// Bytes delivered to the application but not yet consumed (returned as window).
+    unacked: u64,
+    sent_eof: bool,
+    recv_eof: bool,
+    /// We sent CLOSE and wait for the peer's CLOSE.
+    closing: bool,
+}
+
+struct Established {
+    ratchet: Ratchet,
+    session_id: [u8; 32],
+    peer: PublicIdentity,
+    peer_name: String,
+    initiator: bool,
+    channels: HashMap<u32, Channel>,
+    next_channel: u32,
+    /// We sent SESSION_CLOSE.
+    close_sent: bool,
+    ping: Option<(u64, Instant)>,
+}
+
+enum State {
+    InitSent(InitiatorSent),
+    AwaitTrust(InitiatorVerified),
+    AwaitInit(HandshakeConfig),
+    RespSent(ResponderSent),
+    Established(Box<Established>),
+    Closed,
+}
+
+/// Configuration of a session endpoint.
+pub struct SessionConfig {
+    pub handshake: HandshakeConfig,
+    /// Initiator only: the peer must prove exactly this ID (no trust question).
+    pub expected_peer: Option<PeerId>,
+}
+
+/// Counters for diagnostics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionStats {
+    pub records_sent: u64,
+    pub records_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// A session endpoint. See the module documentation for the calling order.
+pub struct Session {
+    state: State,
+    rng: Box<dyn SecureRandom + Send>,
+    expected_peer: Option<PeerId>,
+    inbuf: Vec<u8>,
+    transmit: VecDeque<Vec<u8>>,
+    /// Frames waiting to be sealed into the next record.
+    pending: Vec<u8>,
+    events: VecDeque<Event>,
+    created: Instant,
+    last_received: Instant,
+    last_sent: Instant,
+    stats: SessionStats,
+    /// The peer's SESSION_CLOSE arrived: flush our acknowledgement, then close.
+    peer_closed: bool,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::InitSent(_) => "init-sent",
+            State::AwaitTrust(_) => "await-trust",
+            State::AwaitInit(_) => "await-init",
+            State::RespSent(_) => "resp-sent",
+            State::Established(_) => "established",
+            State::Closed => "closed",
+        };
+        f.debug_struct("Session")
+            .field("state", &state)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn push_record(out: &mut VecDeque<Vec<u8>>, ty: u8, body: &[u8]) {
+    let mut rec = Vec::with_capacity(5 + body.len());
+    Writer::new(&mut rec)
+        .u32(1 + body.len() as u32)
+        .u8(ty)
+        .bytes(body);
+    out.push_back(rec);
+}
+
+impl Session {
+    /// Starts a session as the initiator; INIT is queued for transmission at once.
+    pub fn initiator(cfg: SessionConfig, now: Instant, mut rng: Box<dyn SecureRandom + Send>) -> Self {
+        let (st, init) = handshake::initiate(&mut *rng, cfg.handshake);
+        let mut s = Session::new(State::InitSent(st), rng, cfg.expected_peer, now);
+        push_record(&mut s.transmit, record_type::INIT, &init);
+        s
+    }
+
+    /// Starts a session as the responder, waiting for INIT.
+    pub fn responder(cfg: SessionConfig, now: Instant, rng: Box<dyn SecureRandom + Send>) -> Self {
+        Session::new(State::AwaitInit(cfg.handshake), rng, None, now)
+    }
+
+    fn new(
+        state: State,
+        rng: Box<dyn SecureRandom + Send>,
+        expected_peer: Option<PeerId>,
+        now: Instant,
+    ) -> Self {
+        Session {
+            state,
+            rng,
+            expected_peer,
+            inbuf: Vec::new(),
+            transmit: VecDeque::new(),
+            pending: Vec::new(),
+            events: VecDeque::new(),
+            created: now,
+            last_received: now,
+            last_sent: now,
+            stats: SessionStats::default(),
+            peer_closed: false,
+        }
+    }
+
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established(_))
+    }
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+    pub fn peer(&self) -> Option<&PublicIdentity> {
+        match &self.state {
+            State::Established(e) => Some(&e.peer),
+            State::AwaitTrust(v) => Some(v.peer()),
+            _ => None,
+        }
+    }
+    pub fn peer_name(&self) -> Option<&str> {
+        match &self.state {
+            State::Established(e) => Some(&e.peer_name),
+            _ => None,
+        }
+    }
+    pub fn session_id(&self) -> Option<[u8; 32]> {
+        match &self.state {
+            State::Established(e) => Some(e.session_id),
+            _ => None,
+        }
+    }
+    /// Ratchet counters (DH and PQ steps), for diagnostics and tests.
+    pub fn ratchet_stats(&self) -> Option<super::ratchet::RatchetStats> {
+        match &self.state {
+            State::Established(e) => Some(e.ratchet.stats()),
+            _ => None,
+        }
+    }
+
+    /// True when the application may queue more data (bounded send queue).
+    pub fn can_send(&self) -> bool {
+        self.transmit.len() < MAX_QUEUED_RECORDS
+    }
+
+    /// Feeds bytes received from the link.
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        if self.is_closed() {
+            return;
+        }
+        self.last_received = now;
+        self.stats.bytes_received += data.len() as u64;
+        self.inbuf.extend_from_slice(data);
+        let mut off = 0;
+        while !self.is_closed() {
+            let avail = &self.inbuf[off..];
+            if avail.len() < 4 {
+                break;
+            }
+            let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+            if len == 0 || len > 1 + MAX_RECORD_BODY {
+                self.fail(
+                    now,
+                    CloseReason::Protocol(format!("record length {len} out of range")),
+                );
+                break;
+            }
+            if avail.len() < 4 + len {
+                break;
+            }
+            let rec = avail[4..4 + len].to_vec();
+            off += 4 + len;
+            self.stats.records_received += 1;
+            if let Err(reason) = self.handle_record(now, rec[0], &rec[1..]) {
+                self.fail(now, reason);
+            }
+        }
+        self.inbuf.drain(..off.min(self.inbuf.len()));
+        self.flush(now);
+    }
+
+    /// The link reached end of stream.
+    pub fn handle_eof(&mut self, now: Instant) {
+        if !self.is_closed() {
+            let close_sent = matches!(&self.state, State::Established(e) if e.close_sent);
+            let reason = if close_sent {
+                CloseReason::Normal
+            } else {
+                CloseReason::TransportClosed
+            };
+            self.state = State::Closed;
+            self.events.push_back(Event::Closed { reason });
+            let _ = now;
+        }
+    }
+
+    fn fail(&mut self, now: Instant, reason: CloseReason) {
+        // Tell the peer why, if we can still speak to it.
+        if let State::Established(_) = &self.state {
+            let text = reason.to_string();
+            self.queue_frame(
+                now,
+                Frame::SessionClose {
+                    code: CloseCode::Protocol,
+                    reason: text.as_bytes(),
+                },
+            );
+            self.flush(now);
+        }
+        self.state = State::Closed;
+        self.pending.clear();
+        self.events.push_back(Event::Closed { reason });
+    }
+
+    /// Responder: tells the initiator in plaintext why its handshake was refused (the only
+    /// unauthenticated message we send; it carries no secret).
+    fn alert(&mut self, e: HandshakeError) -> CloseReason {
+        let mut body = Vec::new();
+        let text = e.to_string();
+        let text = &text.as_bytes()[..text.len().min(MAX_ALERT_REASON)];
+        Writer::new(&mut body).u8(CloseCode::Refused as u8).vec16(text);
+        push_record(&mut self.transmit, record_type::ALERT, &body);
+        CloseReason::Handshake(e)
+    }
+
+    fn handle_record(&mut self, now: Instant, ty: u8, body: &[u8]) -> Result<(), CloseReason> {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        match (state, ty) {
+            (State::AwaitInit(cfg), record_type::INIT) => {
+                let (st, resp) =
+                    handshake::respond(&mut *self.rng, cfg, body).map_err(|e| self.alert(e))?;
+                push_record(&mut self.transmit, record_type::RESP, &resp);
+                self.state = State::RespSent(st);
+            }
+            (State::InitSent(st), record_type::RESP) => {
+                let verified = st.handle_response(body)?;
+                let got = verified.peer().peer_id();
+                match self.expected_peer {
+                    Some(expected) if expected != got => {
+                        return Err(CloseReason::WrongPeer { expected, got });
+                    }
+                    Some(_) => self.finish_initiator(now, verified),
+                    None => {
+                        self.events.push_back(Event::VerifyPeer {
+                            peer: verified.peer().clone(),
+                            name: verified.peer_name().to_string(),
+                        });
+                        self.state = State::AwaitTrust(verified);
+                    }
+                }
+            }
+            (State::RespSent(st), record_type::FINISH) => {
+                let out = st.handle_finish(body).map_err(|e| self.alert(e))?;
+                self.establish(now, out, false);
+            }
+            (State::InitSent(_) | State::AwaitInit(_) | State::RespSent(_), record_type::ALERT) => {
+                let mut r = Reader::new(body);
+                let _code = r.u8()?;
+                let reason = r.vec16(MAX_ALERT_REASON)?;
+                let text = String::from_utf8_lossy(reason);
+                let text: String = text.chars().filter(|c| !c.is_control()).collect();
+                return Err(CloseReason::PeerAlert(text));
+            }
+            (State::Established(mut e), record_type::RATCHET) => {
+                let res = self.handle_ratchet(now, &mut e, body);
+                self.state = State::Established(e);
+                res?;
+                self.maybe_close_after_peer(now);
+            }
+            (state, ty) => {
+                let what = match state {
+                    State::AwaitTrust(_) => "a record before we confirmed the peer",
+                    State::RespSent(_) if ty == record_type::RATCHET => {
+                        "application data before key confirmation"
+                    }
+                    _ => "unexpected record type",
+                };
+                self.state = state;
+                return Err(CloseReason::Protocol(format!("{what} ({ty})")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Initiator: the application trusts the peer (known, pinned or accepted on first use).
+    pub fn accept_peer(&mut self, now: Instant) {
+        match std::mem::replace(&mut self.state, State::Closed) {
+            State::AwaitTrust(v) => self.finish_initiator(now, v),
+            other => self.state = other,
+        }
+    }
+
+    /// Initiator: the application refuses the peer; our identity is never revealed to it.
+    pub fn reject_peer(&mut self, _now: Instant) {
+        if matches!(self.state, State::AwaitTrust(_)) {
+            self.state = State::Closed;
+            self.events.push_back(Event::Closed {
+                reason: CloseReason::PeerNotAccepted,
+            });
+        }
+    }
+
+    fn finish_initiator(&mut self, now: Instant, v: InitiatorVerified) {
+        let (fin, out) = v.finish(&mut *self.rng);
+        push_record(&mut self.transmit, record_type::FINISH, &fin);
+        self.establish(now, out, true);
+    }
+
+    fn establish(&mut self, now: Instant, out: handshake::HandshakeOutput, initiator: bool) {
+        let (send_chain, recv_chain) = if initiator {
+            (out.chain_initiator, out.chain_responder)
+        } else {
+            (out.chain_responder, out.chain_initiator)
+        };
+        let ratchet = Ratchet::new(
+            RatchetInit {
+                root: out.root,
+                initiator,
+                own_dh: out.own_dh,
+                peer_dh: out.peer_dh,
+                send_chain,
+                recv_chain,
+            },
+            now,
+        );
+        self.events.push_back(Event::Established {
+            peer: out.peer.clone(),
+            name: out.peer_name.clone(),
+            session_id: out.session_id,
+        });
+        self.state = State::Established(Box::new(Established {
+            ratchet,
+            session_id: out.session_id,
+            peer: out.peer,
+            peer_name: out.peer_name,
+            initiator,
+            channels: HashMap::new(),
+            next_channel: if initiator { 0 } else { 1 },
+            close_sent: false,
+            ping: None,
+        }));
+    }
+
+    fn handle_ratchet(
+        &mut self,
+        now: Instant,
+        e: &mut Established,
+        body: &[u8],
+    ) -> Result<(), CloseReason> {
+        let sid = e.session_id;
+        let plain = e.ratchet.open(now, &mut *self.rng, &sid, body)?;
+        for frame in Frame::decode_all(&plain)? {
+            self.handle_frame(now, e, frame)?;
+        }
+        Ok(())
+    }
+
+    fn handle_frame(
+        &mut self,
+        now: Instant,
+        e: &mut Established,
+        frame: Frame<'_>,
+    ) -> Result<(), CloseReason> {
+        let text = |b: &[u8]| -> String {
+            String::from_utf8_lossy(b)
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect()
+        };
+        match frame {
+            Frame::Open {
+                ch,
+                kind,
+                window,
+                params,
+            } => {
+                if ch % 2 == u32::from(!e.initiator) {
+                    return Err(CloseReason::Protocol(format!("peer opened channel {ch} with our parity")));
+                }
+                if e.channels.contains_key(&ch) {
+                    return Err(CloseReason::Protocol(format!("channel {ch} opened twice")));
+                }
+                let refuse = |code, why: &str, f: &mut Vec<u8>| {
+                    Frame::OpenFail {
+                        ch,
+                        code,
+                        reason: why.as_bytes(),
+                    }
+                    .encode(f)
+                };
+                let Some(kind) = ChannelKind::from_u8(kind) else {
+                    refuse(CloseCode::Unsupported, "unknown channel type", &mut self.pending);
+                    return Ok(());
+                };
+                if e.channels.len() >= MAX_CHANNELS {
+                    refuse(CloseCode::Limit, "too many channels", &mut self.pending);
+                    return Ok(());
+                }
+                e.channels.insert(
+                    ch,
+                    Channel {
+                        kind,
+                        state: ChanState::Requested,
+                        send_window: u64::from(window),
+                        recv_window: u64::from(CHANNEL_WINDOW),
+                        unacked: 0,
+                        sent_eof: false,
+                        recv_eof: false,
+                        closing: false,
+                    },
+                );
+                self.events.push_back(Event::ChannelRequest {
+                    ch,
+                    kind,
+                    params: params.to_vec(),
+                });
+            }
+            Frame::OpenOk { ch, window } => {
+                let c = chan(e, ch)?;
+                if c.state != ChanState::Opening {
+                    return Err(CloseReason::Protocol(format!("OPEN_OK for channel {ch} we did not open")));
+                }
+                c.state = ChanState::Open;
+                c.send_window = u64::from(window);
+                self.events.push_back(Event::ChannelAccepted { ch });
+            }
+            Frame::OpenFail { ch, code, reason } => {
+                let c = chan(e, ch)?;
+                if c.state != ChanState::Opening {
+                    return Err(CloseReason::Protocol(format!("OPEN_FAIL for channel {ch} we did not open")));
+                }
+                e.channels.remove(&ch);
+                self.events.push_back(Event::ChannelRefused {
+                    ch,
+                    code,
+                    reason: text(reason),
+                });
+            }
+            Frame::Data { ch, data } => {
+                let c = chan(e, ch)?;
+                if c.state != ChanState::Open || c.recv_eof {
+                    return Err(CloseReason::Protocol(format!("data on channel {ch} that is not open")));
+                }
+                if data.len() as u64 > c.recv_window {
+                    return Err(CloseReason::Protocol(format!("channel {ch} window exceeded")));
+                }
+                c.recv_window -= data.len() as u64;
+                c.unacked += data.len() as u64;
+                if !c.closing {
+                    self.events.push_back(Event::Data {
+                        ch,
+                        data: data.to_vec(),
+                    });
+                }
+            }
+            Frame::Window { ch, increment } => {
+                let c = chan(e, ch)?;
+                c.send_window = c.send_window.saturating_add(u64::from(increment));
+                if c.send_window > u64::from(u32::MAX) {
+                    return Err(CloseReason::Protocol(format!("channel {ch} window overflow")));
+                }
+            }
+            Frame::Eof { ch } => {
+                let c = chan(e, ch)?;
+                if c.recv_eof {
+                    return Err(CloseReason::Protocol(format!("second EOF on channel {ch}")));
+                }
+                c.recv_eof = true;
+                if !c.closing {
+                    self.events.push_back(Event::Eof { ch });
+                }
+            }
+            Frame::Close { ch, code, reason } => {
+                let c = e.channels.remove(&ch).ok_or_else(|| no_chan(ch))?;
+                if !c.closing {
+                    // Acknowledge so the peer can free the id.
+                    Frame::Close {
+                        ch,
+                        code: CloseCode::Normal,
+                        reason: b"",
+                    }
+                    .encode(&mut self.pending);
+                    self.events.push_back(Event::ChannelClosed {
+                        ch,
+                        code,
+                        reason: text(reason),
+                    });
+                }
+            }
+            Frame::Ping { opaque } => Frame::Pong { opaque }.encode(&mut self.pending),
+            Frame::Pong { opaque } => {
+                if let Some((id, at)) = e.ping {
+                    if id == opaque {
+                        e.ping = None;
+                        self.events.push_back(Event::Pong {
+                            rtt: now.saturating_duration_since(at),
+                        });
+                    }
+                }
+            }
+            Frame::SessionClose { code, reason } => {
+                if !e.close_sent {
+                    // Acknowledge: everything we queued before is delivered before this.
+                    e.close_sent = true;
+                    Frame::SessionClose {
+                        code: CloseCode::Normal,
+                        reason: b"",
+                    }
+                    .encode(&mut self.pending);
+                    let why = text(reason);
+                    let reason = if code == CloseCode::Normal || code == CloseCode::Shutdown {
+                        CloseReason::PeerClosed(if why.is_empty() { "bye".into() } else { why })
+                    } else {
+                        CloseReason::PeerClosed(format!("{code:?}: {why}"))
+                    };
+                    self.events.push_back(Event::Closed { reason });
+                } else {
+                    self.events.push_back(Event::Closed {
+                        reason: CloseReason::Normal,
+                    });
+                }
+                e.channels.clear();
+                self.peer_closed = true;
+            }
+            Frame::DatagramEpoch { epoch, secret } => {
+                self.events.push_back(Event::DatagramEpoch { epoch, secret });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn no_chan(ch: u32) -> CloseReason {
+    CloseReason::Protocol(format!("frame for unknown channel {ch}"))
+}
+
+fn chan(e: &mut Established, ch: u32) -> Result<&mut Channel, CloseReason> {
+    e.channels.get_mut(&ch).ok_or_else(|| no_chan(ch))
+}
+
+/// Application API and output.
+impl Session {
+    fn est(&mut self) -> Result<&mut Established, SessionError> {
+        match &mut self.state {
+            State::Established(e) if !e.close_sent => Ok(e),
+            State::Established(_) | State::Closed => Err(SessionError::Closed),
+            _ => Err(SessionError::NotEstablished),
+        }
+    }
+
+    /// Opens a channel; the peer answers with ChannelAccepted or ChannelRefused.
+    pub fn open_channel(
+        &mut self,
+        now: Instant,
+        kind: ChannelKind,
+        params: &[u8],
+    ) -> Result<u32, SessionError> {
+        if params.len() > MAX_CHANNEL_PARAMS {
+            return Err(SessionError::ParamsTooLong);
+        }
+        let e = self.est()?;
+        if e.channels.len() >= MAX_CHANNELS {
+            return Err(SessionError::TooManyChannels);
+        }
+        let ch = e.next_channel;
+        e.next_channel = e.next_channel.wrapping_add(2);
+        e.channels.insert(
+            ch,
+            Channel {
+                kind,
+                state: ChanState::Opening,
+                send_window: 0,
+                recv_window: u64::from(CHANNEL_WINDOW),
+                unacked: 0,
+                sent_eof: false,
+                recv_eof: false,
+                closing: false,
+            },
+        );
+        self.queue_frame(
+            now,
+            Frame::Open {
+                ch,
+                kind: kind as u8,
+                window: CHANNEL_WINDOW,
+                params,
+            },
+        );
+        Ok(ch)
+    }
+
+    pub fn channel_kind(&self, ch: u32) -> Option<ChannelKind> {
+        match &self.state {
+            State::Established(e) => e.channels.get(&ch).map(|c| c.kind),
+            _ => None,
+        }
+    }
+
+    /// Accepts a channel the peer requested.
+    pub fn accept_channel(&mut self, now: Instant, ch: u32) -> Result<(), SessionError> {
+        let e = self.est()?;
+        let c = e.channels.get_mut(&ch).ok_or(SessionError::NoChannel(ch))?;
+        if c.state != ChanState::Requested {
+            return Err(SessionError::NoChannel(ch));
+        }
+        c.state = ChanState::Open;
+        self.queue_frame(
+            now,
+            Frame::OpenOk {
+                ch,
+                window: CHANNEL_WINDOW,
+            },
+        );
+        Ok(())
+    }
+
+    /// Refuses a channel the peer requested, with a reason the peer will show.
+    pub fn reject_channel(
+        &mut self,
+        now: Instant,
+        ch: u32,
+        code: CloseCode,
+        reason: &str,
+    ) -> Result<(), SessionError> {
+        let e = self.est()?;
+        match e.channels.get(&ch) {
+            Some(c) if c.state == ChanState::Requested => {}
+            _ => return Err(SessionError::NoChannel(ch)),
+        }
+        e.channels.remove(&ch);
+        self.queue_frame(
+            now,
+            Frame::OpenFail {
+                ch,
+                code,
+                reason: reason.as_bytes(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Bytes that may be sent on `ch` right now (flow-control window).
+    pub fn send_window(&self, ch: u32) -> usize {
+        match &self.state {
+            State::Established(e) => e
+                .channels
+                .get(&ch)
+                .filter(|c| c.state == ChanState::Open && !c.sent_eof && !c.closing)
+                .map_or(0, |c| c.send_window.min(usize::MAX as u64) as usize),
+            _ => 0,
+        }
+    }
+
+    /// Sends as much of `data` as the channel window allows; returns the bytes taken.
+    pub fn send(&mut self, now: Instant, ch: u32, data: &[u8]) -> Result<usize, SessionError> {
+        let e = self.est()?;
+        let c = e.channels.get_mut(&ch).ok_or(SessionError::NoChannel(ch))?;
+        if c.sent_eof || c.closing {
+            return Err(SessionError::AfterEof(ch));
+        }
+        if c.state != ChanState::Open {
+            return Ok(0);
+        }
+        let n = data.len().min(c.send_window.min(usize::MAX as u64) as usize);
+        c.send_window -= n as u64;
+        for chunk in data[..n].chunks(MAX_FRAME_DATA) {
+            self.queue_frame(now, Frame::Data { ch, data: chunk });
+        }
+        Ok(n)
+    }
+
+    /// Sends one whole message on a message channel (chat); fails if it does not fit the
+    /// window or a frame, rather than splitting it.
+    pub fn send_message(&mut self, now: Instant, ch: u32, msg: &[u8]) -> Result<bool, SessionError> {
+        if msg.len() > MAX_FRAME_DATA {
+            return Err(SessionError::TooLong(msg.len()));
+        }
+        if self.send_window(ch) < msg.len() {
+            let _ = self.est()?;
+            return Ok(false);
+        }
+        self.send(now, ch, msg).map(|n| n == msg.len())
+    }
+
+    /// Tells the peer we will send no more on `ch` (half close).
+    pub fn send_eof(&mut self, now: Instant, ch: u32) -> Result<(), SessionError> {
+        let e = self.est()?;
+        let c = e.channels.get_mut(&ch).ok_or(SessionError::NoChannel(ch))?;
+        if c.sent_eof {
+            return Ok(());
+        }
+        c.sent_eof = true;
+        self.queue_frame(now, Frame::Eof { ch });
+        Ok(())
+    }
+
+    /// Closes a channel; the peer's acknowledgement frees its id.
+    pub fn close_channel(
+        &mut self,
+        now: Instant,
+        ch: u32,
+        code: CloseCode,
+        reason: &str,
+    ) -> Result<(), SessionError> {
+        let e = self.est()?;
+        let c = e.channels.get_mut(&ch).ok_or(SessionError::NoChannel(ch))?;
+        if c.closing {
+            return Ok(());
+        }
+        c.closing = true;
+        self.queue_frame(
+            now,
+            Frame::Close {
+                ch,
+                code,
+                reason: reason.as_bytes(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The application has processed `n` bytes of `ch`: the peer may send that much more.
+    pub fn consumed(&mut self, now: Instant, ch: u32, n: usize) {
+        let Ok(e) = self.est() else { return };
+        let Some(c) = e.channels.get_mut(&ch) else {
+            return;
+        };
+        c.unacked = c.unacked.saturating_sub(n as u64);
+        // Return window in batches of a quarter window, like SSH implementations do.
+        let outstanding = u64::from(CHANNEL_WINDOW) - c.recv_window - c.unacked;
+        if outstanding >= u64::from(CHANNEL_WINDOW / 4) && !c.recv_eof {
+            c.recv_window += outstanding;
+            let increment = outstanding as u32;
+            self.queue_frame(now, Frame::Window { ch, increment });
+        }
+    }
+
+    /// Sends a ping; a Pong event reports the round-trip time.
+    pub fn ping(&mut self, now: Instant) -> Result<(), SessionError> {
+        let mut b = [0u8; 8];
+        self.rng.fill(&mut b);
+        let opaque = u64::from_be_bytes(b);
+        let e = self.est()?;
+        e.ping = Some((opaque, now));
+        self.queue_frame(now, Frame::Ping { opaque });
+        Ok(())
+    }
+
+    /// Announces a datagram epoch secret for our sending direction (VPN over UDP).
+    pub fn announce_datagram_epoch(
+        &mut self,
+        now: Instant,
+        epoch: u32,
+        secret: [u8; 32],
+    ) -> Result<(), SessionError> {
+        self.est()?;
+        self.queue_frame(now, Frame::DatagramEpoch { epoch, secret });
+        Ok(())
+    }
+
+    /// Starts a graceful close: everything queued before is delivered, then the peer
+    /// acknowledges and the session ends (Closed event). Before establishment it just ends.
+    pub fn close(&mut self, now: Instant, code: CloseCode, reason: &str) {
+        match &mut self.state {
+            State::Established(e) if !e.close_sent => {
+                e.close_sent = true;
+                Frame::SessionClose {
+                    code,
+                    reason: reason.as_bytes(),
+                }
+                .encode(&mut self.pending);
+                self.flush(now);
+            }
+            State::Established(_) | State::Closed => {}
+            _ => {
+                self.state = State::Closed;
+                self.events.push_back(Event::Closed {
+                    reason: CloseReason::Normal,
+                });
+            }
+        }
+    }
+
+    fn queue_frame(&mut self, now: Instant, frame: Frame<'_>) {
+        let before = self.pending.len();
+        frame.encode(&mut self.pending);
+        if self.pending.len() > MAX_RECORD_PLAINTEXT {
+            // Seal what was there, keep the new frame for the next record.
+            let tail = self.pending.split_off(before);
+            self.flush(now);
+            self.pending = tail;
+        }
+    }
+
+    /// Seals pending frames into a record.
+    fn flush(&mut self, now: Instant) {
+        let State::Established(e) = &mut self.state else {
+            self.pending.clear();
+            return;
+        };
+        let wants_ack = self.pending.is_empty() && e.ratchet.wants_ack(now);
+        if self.pending.is_empty() && !wants_ack {
+            return;
+        }
+        let mut body = Vec::with_capacity(self.pending.len() + 64);
+        let sid = e.session_id;
+        e.ratchet
+            .seal(now, &mut *self.rng, &sid, &self.pending, &mut body);
+        self.pending.clear();
+        push_record(&mut self.transmit, record_type::RATCHET, &body);
+    }
+
+    fn maybe_close_after_peer(&mut self, now: Instant) {
+        if self.peer_closed {
+            self.flush(now);
+            self.state = State::Closed;
+        }
+    }
+
+    /// Next bytes to write to the link, if any.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if self.transmit.is_empty() {
+            self.flush(now);
+        }
+        let rec = self.transmit.pop_front()?;
+        self.last_sent = now;
+        self.stats.records_sent += 1;
+        self.stats.bytes_sent += rec.len() as u64;
+        Some(rec)
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::Closed => None,
+            State::Established(e) => {
+                let mut t = (self.last_received + IDLE_TIMEOUT).min(self.last_sent + KEEPALIVE_INTERVAL);
+                if let Some(r) = e.ratchet.poll_timeout() {
+                    t = t.min(r);
+                }
+                Some(t)
+            }
+            _ => Some(self.created + HANDSHAKE_TIMEOUT),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &self.state {
+            State::Closed => {}
+            State::Established(_) => {
+                if now >= self.last_received + IDLE_TIMEOUT {
+                    self.fail(now, CloseReason::IdleTimeout);
+                    return;
+                }
+                if now >= self.last_sent + KEEPALIVE_INTERVAL {
+                    let _ = self.ping(now);
+                }
+                self.flush(now);
+            }
+            _ => {
+                if now >= self.created + HANDSHAKE_TIMEOUT {
+                    self.state = State::Closed;
+                    self.events.push_back(Event::Closed {
+                        reason: CloseReason::HandshakeTimeout,
+                    });
+                }
+            }
+        }
+    }
+}

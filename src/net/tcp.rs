@@ -1,0 +1,314 @@
+//! Tokio driver for a [`Session`] over TCP: moves bytes between the socket and the sans-IO
+//! core, runs its timer, and exposes the session to the application as a command handle plus
+//! an event stream.
+//!
+//! The socket is split: a writer task drains sealed records so that reading never stalls
+//! behind a blocked write (two peers pushing bulk data at each other cannot deadlock). Bytes
+//! handed to the writer but not yet written are bounded by [`WRITE_HIGH_WATER`]; above it
+//! the driver stops taking application data, which is how backpressure reaches the sender.
+
+use crate::core::frame::{ChannelKind, CloseCode};
+use crate::core::session::{Event, Session, SessionError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, trace};
+
+/// Bytes queued to the socket writer before the driver stops taking application data.
+pub const WRITE_HIGH_WATER: usize = 4 << 20;
+/// Read buffer size.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What the application asks the driver to do with its session.
+enum Command {
+    AcceptPeer(bool),
+    Open {
+        kind: ChannelKind,
+        params: Vec<u8>,
+        reply: oneshot::Sender<Result<u32, SessionError>>,
+    },
+    Accept(u32),
+    Reject(u32, CloseCode, String),
+    Send {
+        ch: u32,
+        data: Vec<u8>,
+        done: oneshot::Sender<Result<(), SessionError>>,
+    },
+    Eof(u32),
+    CloseChannel(u32, CloseCode, String),
+    Consumed(u32, usize),
+    Ping,
+    DatagramEpoch(u32, [u8; 32]),
+    Close(CloseCode, String),
+}
+
+/// Cloneable handle to a running session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl SessionHandle {
+    fn cmd(&self, c: Command) {
+        // A closed driver simply drops commands: the event stream has told the app why.
+        let _ = self.tx.send(c);
+    }
+    pub fn accept_peer(&self, accept: bool) {
+        self.cmd(Command::AcceptPeer(accept));
+    }
+    pub async fn open_channel(&self, kind: ChannelKind, params: &[u8]) -> Result<u32, SessionError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd(Command::Open {
+            kind,
+            params: params.to_vec(),
+            reply,
+        });
+        rx.await.unwrap_or(Err(SessionError::Closed))
+    }
+    pub fn accept_channel(&self, ch: u32) {
+        self.cmd(Command::Accept(ch));
+    }
+    pub fn reject_channel(&self, ch: u32, code: CloseCode, reason: &str) {
+        self.cmd(Command::Reject(ch, code, reason.to_string()));
+    }
+    /// Sends all of `data` on `ch`; completes once the session has taken it (flow control
+    /// and the socket's pace are the backpressure).
+    pub async fn send(&self, ch: u32, data: Vec<u8>) -> Result<(), SessionError> {
+        let (done, rx) = oneshot::channel();
+        self.cmd(Command::Send { ch, data, done });
+        rx.await.unwrap_or(Err(SessionError::Closed))
+    }
+    pub fn send_eof(&self, ch: u32) {
+        self.cmd(Command::Eof(ch));
+    }
+    pub fn close_channel(&self, ch: u32, code: CloseCode, reason: &str) {
+        self.cmd(Command::CloseChannel(ch, code, reason.to_string()));
+    }
+    /// The application processed `n` bytes of `ch`; the peer may send more.
+    pub fn consumed(&self, ch: u32, n: usize) {
+        self.cmd(Command::Consumed(ch, n));
+    }
+    pub fn ping(&self) {
+        self.cmd(Command::Ping);
+    }
+    pub fn announce_datagram_epoch(&self, epoch: u32, secret: [u8; 32]) {
+        self.cmd(Command::DatagramEpoch(epoch, secret));
+    }
+    /// Graceful close: queued data is delivered first; the Closed event follows.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.cmd(Command::Close(code, reason.to_string()));
+    }
+}
+
+/// Application data waiting for channel window; an EOF marker keeps its place in line.
+struct PendingSend {
+    data: Vec<u8>,
+    off: usize,
+    eof: bool,
+    done: Option<oneshot::Sender<Result<(), SessionError>>>,
+}
+
+impl PendingSend {
+    fn finish(self, r: Result<(), SessionError>) {
+        if let Some(d) = self.done {
+            let _ = d.send(r);
+        }
+    }
+}
+
+/// Starts driving `session` over `stream`. Returns the handle, the event stream and the
+/// driver task (which ends after the session closed and its last records were written).
+pub fn spawn_session(
+    stream: TcpStream,
+    session: Session,
+) -> (
+    SessionHandle,
+    mpsc::UnboundedReceiver<Event>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(drive(stream, session, rx, ev_tx));
+    (SessionHandle { tx }, ev_rx, task)
+}
+
+async fn drive(
+    stream: TcpStream,
+    mut s: Session,
+    mut cmds: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer_addr = stream.peer_addr().ok();
+    let (mut rd, mut wr) = stream.into_split();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let drained = Arc::new(Notify::new());
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = {
+        let in_flight = in_flight.clone();
+        let drained = drained.clone();
+        tokio::spawn(async move {
+            while let Some(buf) = wrx.recv().await {
+                let n = buf.len();
+                if let Err(e) = wr.write_all(&buf).await {
+                    debug!("write failed: {e}");
+                    in_flight.store(0, Ordering::Release);
+                    drained.notify_one();
+                    return;
+                }
+                in_flight.fetch_sub(n, Ordering::AcqRel);
+                drained.notify_one();
+            }
+            let _ = wr.shutdown().await;
+        })
+    };
+
+    let mut pending: HashMap<u32, VecDeque<PendingSend>> = HashMap::new();
+    let mut close_after: Option<(CloseCode, String)> = None;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut read_open = true;
+    loop {
+        let now = Instant::now();
+        // Move application data into the session as far as windows and buffers allow.
+        if in_flight.load(Ordering::Acquire) < WRITE_HIGH_WATER {
+            pump_sends(&mut s, now, &mut pending);
+        }
+        if pending.is_empty() {
+            if let Some((code, reason)) = close_after.take() {
+                s.close(now, code, &reason);
+            }
+        }
+        while let Some(rec) = s.poll_transmit(now) {
+            in_flight.fetch_add(rec.len(), Ordering::AcqRel);
+            if wtx.send(rec).is_err() {
+                break;
+            }
+        }
+        while let Some(ev) = s.poll_event() {
+            trace!(?peer_addr, "event {ev:?}");
+            let _ = events.send(ev);
+        }
+        if s.is_closed() {
+            break;
+        }
+        let deadline = s.poll_timeout().map(tokio::time::Instant::from_std);
+        let can_take = in_flight.load(Ordering::Acquire) < WRITE_HIGH_WATER;
+        tokio::select! {
+            r = rd.read(&mut buf), if read_open => match r {
+                Ok(0) | Err(_) => {
+                    read_open = false;
+                    s.handle_eof(Instant::now());
+                }
+                Ok(n) => s.handle_input(Instant::now(), &buf[..n]),
+            },
+            c = cmds.recv(), if can_take => match c {
+                Some(Command::Close(code, reason)) => close_after = Some((code, reason)),
+                Some(c) => apply(&mut s, Instant::now(), c, &mut pending),
+                None => s.close(Instant::now(), CloseCode::Normal, "application ended"),
+            },
+            _ = drained.notified(), if !can_take => {}
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                s.handle_timeout(Instant::now());
+            }
+        }
+    }
+    for (_, q) in pending.drain() {
+        for p in q {
+            p.finish(Err(SessionError::Closed));
+        }
+    }
+    drop(wtx);
+    // Let the writer flush the final records (close acknowledgement), bounded in time.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+}
+
+fn pump_sends(s: &mut Session, now: Instant, pending: &mut HashMap<u32, VecDeque<PendingSend>>) {
+    pending.retain(|&ch, q| {
+        while let Some(p) = q.front_mut() {
+            if !s.can_send() {
+                return true;
+            }
+            let r = if p.eof {
+                s.send_eof(now, ch).map(|()| 0)
+            } else {
+                s.send(now, ch, &p.data[p.off..])
+            };
+            match r {
+                Ok(n) => {
+                    p.off += n;
+                    if p.off < p.data.len() {
+                        return true;
+                    }
+                    q.pop_front().expect("front exists").finish(Ok(()));
+                }
+                Err(e) => {
+                    for p in q.drain(..) {
+                        p.finish(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        false
+    });
+}
+
+fn apply(
+    s: &mut Session,
+    now: Instant,
+    c: Command,
+    pending: &mut HashMap<u32, VecDeque<PendingSend>>,
+) {
+    match c {
+        Command::AcceptPeer(true) => s.accept_peer(now),
+        Command::AcceptPeer(false) => s.reject_peer(now),
+        Command::Open {
+            kind,
+            params,
+            reply,
+        } => {
+            let _ = reply.send(s.open_channel(now, kind, &params));
+        }
+        Command::Accept(ch) => {
+            let _ = s.accept_channel(now, ch);
+        }
+        Command::Reject(ch, code, reason) => {
+            let _ = s.reject_channel(now, ch, code, &reason);
+        }
+        Command::Send { ch, data, done } => {
+            pending.entry(ch).or_default().push_back(PendingSend {
+                data,
+                off: 0,
+                eof: false,
+                done: Some(done),
+            });
+            pump_sends(s, now, pending);
+        }
+        Command::Eof(ch) => {
+            // After any data already queued for the channel.
+            pending.entry(ch).or_default().push_back(PendingSend {
+                data: Vec::new(),
+                off: 0,
+                eof: true,
+                done: None,
+            });
+            pump_sends(s, now, pending);
+        }
+        Command::CloseChannel(ch, code, reason) => {
+            pending.remove(&ch);
+            let _ = s.close_channel(now, ch, code, &reason);
+        }
+        Command::Consumed(ch, n) => s.consumed(now, ch, n),
+        Command::Ping => {
+            let _ = s.ping(now);
+        }
+        Command::DatagramEpoch(epoch, secret) => {
+            let _ = s.announce_datagram_epoch(now, epoch, secret);
+        }
+        // Deferred by the driver loop until queued data has gone out.
+        Command::Close(code, reason) => s.close(now, code, &reason),
+    }
+}
