@@ -6,4 +6,5 @@
 //! - [`cli`]: the command-line front end shared by `qssh` and `examples/p2p_demo.rs`.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod core;
