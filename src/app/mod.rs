@@ -1,4 +1,5 @@
-//! Services on top of a session and the local state they use.
+//! Services on top of a session (chat, and later shell, exec, forwarding, VPN) and the local
+//! state they use (identity, known and authorized peers).
 
 pub mod chat;
 pub mod demo;

@@ -12,9 +12,9 @@ use super::codec::{DecodeError, Reader, Writer};
 use super::crypto::{sha256, RandCore06, SecureRandom};
 use super::labels;
 use fn_dsa::{
-    sign_key_size, signature_size, vrfy_key_size, KeyPairGenerator, KeyPairGeneratorStandard,
-    SigningKey as _, SigningKeyStandard, VerifyingKey as _, VerifyingKeyStandard, DOMAIN_NONE,
-    FN_DSA_LOGN_512, HASH_ID_RAW,
+    hashed_vrfykey_from_signkey, hashed_vrfykey_from_vrfykey, sign_key_size, signature_size,
+    vrfy_key_size, KeyPairGenerator, KeyPairGeneratorStandard, SigningKey as _, SigningKeyStandard,
+    VerifyingKey as _, VerifyingKeyStandard, DOMAIN_NONE, FN_DSA_LOGN_512, HASH_ID_RAW,
 };
 use std::fmt;
 use std::str::FromStr;
@@ -314,21 +314,45 @@ impl Identity {
         }
         let id = r.u8()?;
         let alg = Algorithm::from_id(id).ok_or(IdentityError::UnknownAlgorithm(id))?;
-        let secret = Zeroizing::new(r.vec16(alg.secret_key_len())?.to_vec());
-        let public = r.vec16(MAX_PUBLIC_KEY)?.to_vec();
+        let secret = r.vec16(alg.secret_key_len())?;
+        let public = r.vec16(MAX_PUBLIC_KEY)?;
         r.finish()?;
+        Self::from_key_pair(alg, secret, public)
+    }
+
+    /// Builds an identity from raw key bytes (used by [`Identity::decode`] and to import or
+    /// cross-check keys made by other implementations) and validates that they form a pair.
+    ///
+    /// Formats (fn-dsa 0.4 and slh-dsa; `docs/INTEROP.md` compares them with PQClean):
+    /// FN-DSA-512 `secret` is the 1345-byte fn-dsa signing key (0x59, f and g in 6-bit and F in
+    /// 8-bit fields packed least-significant-bit first, then SHAKE256(public key), 64 bytes),
+    /// `public` the 897-byte verifying key (0x09, h in 14-bit fields, same bit order).
+    /// SLH-DSA `secret` is SK.seed || SK.prf (32 bytes), `public` PK.seed || PK.root (32
+    /// bytes). The secret is copied into zeroizing memory; the caller wipes its own buffer.
+    pub fn from_key_pair(
+        alg: Algorithm,
+        secret: &[u8],
+        public: &[u8],
+    ) -> Result<Self, IdentityError> {
         if secret.len() != alg.secret_key_len() || public.len() != alg.public_key_len() {
             return Err(IdentityError::Corrupt("key length"));
         }
         let public =
-            PublicIdentity::new(alg, &public).map_err(|_| IdentityError::Corrupt("public key"))?;
-        let ident = Identity { public, secret };
+            PublicIdentity::new(alg, public).map_err(|_| IdentityError::Corrupt("public key"))?;
+        let ident = Identity {
+            public,
+            secret: Zeroizing::new(secret.to_vec()),
+        };
         let consistent = match alg {
+            // fn-dsa does not check the embedded public-key hash when decoding a signing key;
+            // a wrong hash would silently produce signatures that never verify, so check it.
             Algorithm::Falcon512 => match SigningKeyStandard::decode(&ident.secret) {
                 Some(sk) => {
                     let mut derived = vec![0u8; FALCON512_PK_LEN];
                     sk.to_verifying_key(&mut derived);
                     derived == ident.public.key
+                        && hashed_vrfykey_from_signkey(&ident.secret)
+                            == hashed_vrfykey_from_vrfykey(&ident.public.key)
                 }
                 None => false,
             },
@@ -471,6 +495,22 @@ mod tests {
             bad[last] ^= 0x40;
             assert!(Identity::decode(&bad).is_err(), "{alg:?}");
         }
+    }
+
+    #[test]
+    fn falcon_secret_with_wrong_public_key_hash_is_rejected() {
+        let mut rng = DeterministicRandom::new(12);
+        let id = Identity::generate(Algorithm::Falcon512, &mut rng);
+        let mut secret = id.secret.to_vec();
+        // The last 64 bytes of an fn-dsa signing key are SHAKE256(public key).
+        secret[FALCON512_SK_LEN - 1] ^= 1;
+        assert_eq!(
+            Identity::from_key_pair(Algorithm::Falcon512, &secret, id.public().key()).unwrap_err(),
+            IdentityError::Corrupt("secret and public key do not match")
+        );
+        secret[FALCON512_SK_LEN - 1] ^= 1;
+        let back = Identity::from_key_pair(Algorithm::Falcon512, &secret, id.public().key());
+        assert_eq!(back.unwrap().peer_id(), id.peer_id());
     }
 
     #[test]
