@@ -4,6 +4,8 @@
 
 pub mod codec;
 pub mod crypto;
+pub mod datagram;
 pub mod identity;
 pub mod labels;
 pub mod limits;
+pub mod replay;
