@@ -7,3 +7,4 @@ pub mod crypto;
 pub mod identity;
 pub mod labels;
 pub mod limits;
+pub mod ratchet;
