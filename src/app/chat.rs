@@ -376,7 +376,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         tokio::select! {
             acc = listener.accept() => {
                 let (stream, addr) = match acc {
-                    Ok(x) => x,
+                    Ok((s, a)) => (s, SocketAddr::new(a.ip().to_canonical(), a.port())),
                     Err(e) => { warn!("accept failed: {e}"); continue; }
                 };
                 if let Err(why) = admission.lock().expect("admission lock").admit(Instant::now(), addr.ip()) {

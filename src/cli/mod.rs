@@ -81,6 +81,11 @@ pub enum Command {
         #[arg(short, long)]
         port: Option<u16>,
     },
+    /// Forget the remembered peer ID of HOST[:PORT] in known_peers (after a legitimate key change).
+    Forget {
+        /// host, host:port or [v6]:port, as given to connect.
+        target: String,
+    },
     /// Run a listener and a connector over loopback and show the handshake and a chat.
     Demo,
 }
@@ -254,6 +259,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 },
             )
             .await
+        }
+        Command::Forget { target } => {
+            let home = open_home(&cli.home)?;
+            let n = home.remove_known(&target)?;
+            if n == 0 {
+                eprintln!("{target} is not in {}", home.known_peers_path().display());
+                return Ok(1);
+            }
+            eprintln!("removed {n} entr{} for {target} from {}", if n == 1 { "y" } else { "ies" }, home.known_peers_path().display());
+            Ok(0)
         }
         Command::Demo => crate::app::demo::run().await,
     }

@@ -33,6 +33,8 @@ pub const CHAIN_INITIATOR: &[u8] = b"qssh v1 chain initiator";
 pub const CHAIN_RESPONDER: &[u8] = b"qssh v1 chain responder";
 /// Root-key step of the ratchet (DH output, optionally followed by a KEM shared secret).
 pub const RATCHET_ROOT_STEP: &[u8] = b"qssh v1 ratchet step";
+/// New chain key output by a root-key step (the new root key uses [`RATCHET_ROOT_STEP`]).
+pub const RATCHET_STEP_CHAIN: &[u8] = b"qssh v1 ratchet chain key";
 /// Session identifier exported to the application (channel binding, logs).
 pub const SESSION_ID: &[u8] = b"qssh v1 session id";
 /// Message-key derivation from a chain key (HMAC input byte follows the label).
@@ -58,6 +60,7 @@ pub const ALL: &[&[u8]] = &[
     CHAIN_INITIATOR,
     CHAIN_RESPONDER,
     RATCHET_ROOT_STEP,
+    RATCHET_STEP_CHAIN,
     SESSION_ID,
     CHAIN_MESSAGE_KEY,
     CHAIN_NEXT,

@@ -5,10 +5,12 @@
 pub mod admission;
 pub mod codec;
 pub mod crypto;
+pub mod datagram;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod labels;
 pub mod limits;
 pub mod ratchet;
+pub mod replay;
 pub mod session;
