@@ -201,11 +201,15 @@ fn ratchet(c: &mut Criterion) {
             black_box(a.open(t, &mut rng, &sid, &m).expect("opens"))
         })
     });
-    // (Skipped when a filter left the benchmark out.)
+    // Every message must have started a DH step, and a long run PQ steps too.
     let (sa, sb) = (a.stats(), b.stats());
     assert!(
-        sa.messages_sent == 0 || (sa.dh_steps > 0 && sb.pq_steps_completed > 0),
-        "ping-pong must step both ratchets: {sa:?} {sb:?}"
+        sa.dh_steps == sa.messages_sent && sb.dh_steps == sb.messages_sent,
+        "each ping-pong message must step the ratchet: {sa:?} {sb:?}"
+    );
+    assert!(
+        sa.messages_sent < 32 || sb.pq_steps_completed > 0,
+        "ping-pong must make PQ steps: {sa:?} {sb:?}"
     );
     g.finish();
 }
