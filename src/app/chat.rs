@@ -32,7 +32,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Removes control characters (terminal escapes) from text a peer sent.
 pub fn sanitize(text: &str) -> String {
-    text.chars().filter(|c| !c.is_control() || *c == '\t').collect()
+    text.chars()
+        .filter(|c| !c.is_control() || *c == '\t')
+        .collect()
 }
 
 /// One printed chat line.
@@ -339,8 +341,9 @@ pub async fn bind(bind: Option<IpAddr>, port: u16) -> Result<TcpListener> {
             .with_context(|| format!("cannot listen on {}", SocketAddr::new(ip, port))),
         None => match TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
             Ok(l) => Ok(l),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(e)
-                .with_context(|| format!("cannot listen on port {port} (another listener? try --port)")),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(e).with_context(|| {
+                format!("cannot listen on port {port} (another listener? try --port)")
+            }),
             Err(_) => TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
                 .await
                 .with_context(|| format!("cannot listen on port {port}")),
@@ -416,7 +419,8 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     }
     // Tell every peer, then give the sessions a moment to flush the goodbye.
     for m in room.lock().expect("room lock").values() {
-        m.handle.close(CloseCode::Shutdown, "listener shutting down");
+        m.handle
+            .close(CloseCode::Shutdown, "listener shutting down");
     }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
@@ -453,18 +457,31 @@ async fn serve_peer(
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Established { peer, name, .. } => {
-                let r = admission.lock().expect("admission lock").handshake_done(true);
+                let r = admission
+                    .lock()
+                    .expect("admission lock")
+                    .handshake_done(true);
                 if let Err(why) = r {
                     handle.close(CloseCode::Limit, &why.to_string());
                     continue;
                 }
                 established = true;
                 let peer_id = peer.peer_id();
-                eprintln!("{} ({}) connected from {addr}", sanitize(&name), peer_id.short());
+                eprintln!(
+                    "{} ({}) connected from {addr}",
+                    sanitize(&name),
+                    peer_id.short()
+                );
                 info!(peer = %peer_id, %addr, "session established");
                 room.lock().expect("room lock").insert(
                     id,
-                    Member { name, peer: peer_id, addr, handle: handle.clone(), chat: None },
+                    Member {
+                        name,
+                        peer: peer_id,
+                        addr,
+                        handle: handle.clone(),
+                        chat: None,
+                    },
                 );
             }
             Event::ChannelRequest { ch, kind, .. } => match kind {
@@ -477,7 +494,11 @@ async fn serve_peer(
                 other => {
                     let who = room.lock().expect("room lock").get(&id).map(|m| m.peer);
                     warn!(peer = ?who, "refused {other:?} channel: not offered by this listener");
-                    handle.reject_channel(ch, CloseCode::Unsupported, "this listener offers chat only");
+                    handle.reject_channel(
+                        ch,
+                        CloseCode::Unsupported,
+                        "this listener offers chat only",
+                    );
                 }
             },
             Event::Data { ch, data } => {
@@ -496,7 +517,10 @@ async fn serve_peer(
             }
             Event::Closed { reason } => {
                 if !established {
-                    let _ = admission.lock().expect("admission lock").handshake_done(false);
+                    let _ = admission
+                        .lock()
+                        .expect("admission lock")
+                        .handshake_done(false);
                     info!(%addr, "handshake failed: {reason}");
                 }
                 break;

@@ -18,8 +18,14 @@ use tokio::sync::mpsc::UnboundedReceiver;
 const CONVERSATION: &[(&str, &str)] = &[
     ("alice", "hello bob, is this channel quantum-safe?"),
     ("bob", "yes: X25519 + ML-KEM-768, signed with Falcon-512"),
-    ("alice", "and if someone records this and waits for a quantum computer?"),
-    ("bob", "ML-KEM keeps the handshake secret, and the ratchet re-keys with ML-KEM too"),
+    (
+        "alice",
+        "and if someone records this and waits for a quantum computer?",
+    ),
+    (
+        "bob",
+        "ML-KEM keeps the handshake secret, and the ratchet re-keys with ML-KEM too",
+    ),
     ("alice", "forward secrecy per message, then"),
     ("bob", "and every direction change is a fresh DH step"),
 ];
@@ -51,7 +57,10 @@ pub async fn run() -> Result<i32> {
     let t = Instant::now();
     let alice = Arc::new(Identity::generate(Algorithm::Falcon512, &mut OsRandom));
     let bob = Arc::new(Identity::generate(Algorithm::Falcon512, &mut OsRandom));
-    println!("1. identities (Falcon-512 key generation, {} ms for both)", t.elapsed().as_millis());
+    println!(
+        "1. identities (Falcon-512 key generation, {} ms for both)",
+        t.elapsed().as_millis()
+    );
     println!("   alice  {}", alice.peer_id());
     println!("   bob    {}\n", bob.peer_id());
 
@@ -98,11 +107,15 @@ pub async fn run() -> Result<i32> {
         _ => None,
     })
     .await?;
+    println!("   handshake done in {hs_ms:.2} ms (one round trip + key confirmation)");
     println!(
-        "   handshake done in {hs_ms:.2} ms (one round trip + key confirmation)"
+        "   alice verified bob's signature: {}",
+        peer.peer_id() == bob.peer_id()
     );
-    println!("   alice verified bob's signature: {}", peer.peer_id() == bob.peer_id());
-    println!("   bob verified alice's signature: {}", bob_saw == alice.peer_id());
+    println!(
+        "   bob verified alice's signature: {}",
+        bob_saw == alice.peer_id()
+    );
     println!("   session id {}\n", hex(&sid[..8]));
 
     println!("3. chat over the ratchet (each message its own AES-256-GCM key)");
@@ -113,13 +126,17 @@ pub async fn run() -> Result<i32> {
     })
     .await?;
     bh.accept_channel(bch);
-    wait_for(&mut aev, |e| matches!(e, Event::ChannelAccepted { .. }).then_some(())).await?;
+    wait_for(&mut aev, |e| {
+        matches!(e, Event::ChannelAccepted { .. }).then_some(())
+    })
+    .await?;
     for (who, text) in CONVERSATION {
-        let (tx, txch, rx): (&SessionHandle, u32, &mut UnboundedReceiver<Event>) = if *who == "alice" {
-            (&ah, ach, &mut bev)
-        } else {
-            (&bh, bch, &mut aev)
-        };
+        let (tx, txch, rx): (&SessionHandle, u32, &mut UnboundedReceiver<Event>) =
+            if *who == "alice" {
+                (&ah, ach, &mut bev)
+            } else {
+                (&bh, bch, &mut aev)
+            };
         tx.send(txch, format!("{text}\n").into_bytes()).await?;
         let got = wait_for(rx, |e| match e {
             Event::Data { data, .. } => Some(String::from_utf8_lossy(data).trim_end().to_string()),

@@ -201,7 +201,11 @@ async fn decide_trust(
 /// Asks on the controlling terminal (like ssh), falling back to stdin/stderr.
 fn ask(question: &str) -> Option<String> {
     let mut line = String::new();
-    if let Ok(tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") {
+    if let Ok(tty) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+    {
         let mut w = &tty;
         w.write_all(question.as_bytes()).ok()?;
         std::io::BufReader::new(&tty).read_line(&mut line).ok()?;

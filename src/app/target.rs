@@ -29,7 +29,10 @@ impl Target {
         }
         let (peer, rest) = match s.rsplit_once('@') {
             Some((id, rest)) => (
-                Some(id.parse::<PeerId>().map_err(|_| TargetError::BadPeerId(s.into()))?),
+                Some(
+                    id.parse::<PeerId>()
+                        .map_err(|_| TargetError::BadPeerId(s.into()))?,
+                ),
                 rest,
             ),
             None => (None, s),
@@ -76,7 +79,10 @@ mod tests {
     #[test]
     fn forms() {
         let t = Target::parse("example.org", 22222).unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.peer), ("example.org", 22222, None));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.peer),
+            ("example.org", 22222, None)
+        );
         assert_eq!(Target::parse("h:1", 2).unwrap().port, 1);
         let t = Target::parse("[::1]:7", 2).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", 7));
@@ -85,8 +91,14 @@ mod tests {
         let id = PeerId([1; 32]);
         let t = Target::parse(&format!("{id}@127.0.0.1:9"), 2).unwrap();
         assert_eq!(t.peer, Some(id));
-        assert!(matches!(Target::parse("zz@h", 1), Err(TargetError::BadPeerId(_))));
-        assert!(matches!(Target::parse("h:x", 1), Err(TargetError::BadPort(_))));
+        assert!(matches!(
+            Target::parse("zz@h", 1),
+            Err(TargetError::BadPeerId(_))
+        ));
+        assert!(matches!(
+            Target::parse("h:x", 1),
+            Err(TargetError::BadPort(_))
+        ));
         assert_eq!(Target::parse(" ", 1), Err(TargetError::Empty));
     }
 }

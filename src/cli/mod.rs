@@ -6,9 +6,9 @@
 use crate::app::chat::{self, ConnectOptions, ListenOptions};
 use crate::app::keys::describe_identity;
 use crate::app::store::Home;
+use crate::core::crypto::Secret32;
 use crate::core::identity::Algorithm;
 use crate::core::limits::PSK_LEN;
-use crate::core::crypto::Secret32;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -175,7 +175,11 @@ pub fn read_psk(path: &Path) -> Result<Secret32> {
         key.copy_from_slice(&data);
         return Ok(Secret32::from_bytes(key));
     }
-    let hex: Vec<u8> = data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    let hex: Vec<u8> = data
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     if hex.len() != 2 * PSK_LEN {
         bail!(
             "PSK file {} must hold exactly {PSK_LEN} bytes or {} hex digits (try: head -c 32 /dev/urandom > FILE)",
@@ -267,7 +271,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 eprintln!("{target} is not in {}", home.known_peers_path().display());
                 return Ok(1);
             }
-            eprintln!("removed {n} entr{} for {target} from {}", if n == 1 { "y" } else { "ies" }, home.known_peers_path().display());
+            eprintln!(
+                "removed {n} entr{} for {target} from {}",
+                if n == 1 { "y" } else { "ies" },
+                home.known_peers_path().display()
+            );
             Ok(0)
         }
         Command::Demo => crate::app::demo::run().await,

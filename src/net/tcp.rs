@@ -60,7 +60,11 @@ impl SessionHandle {
     pub fn accept_peer(&self, accept: bool) {
         self.cmd(Command::AcceptPeer(accept));
     }
-    pub async fn open_channel(&self, kind: ChannelKind, params: &[u8]) -> Result<u32, SessionError> {
+    pub async fn open_channel(
+        &self,
+        kind: ChannelKind,
+        params: &[u8],
+    ) -> Result<u32, SessionError> {
         let (reply, rx) = oneshot::channel();
         self.cmd(Command::Open {
             kind,
