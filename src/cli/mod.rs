@@ -3,8 +3,9 @@
 //! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
 //! something to do. Connection and authentication failures exit with 255, as ssh does.
 
-use crate::app::chat::{self, ConnectOptions, ListenOptions};
+use crate::app::chat::{self, ConnectOptions};
 use crate::app::keys::describe_identity;
+use crate::app::listener::{self, ListenOptions, Policy};
 use crate::app::store::Home;
 use crate::core::crypto::Secret32;
 use crate::core::identity::Algorithm;
@@ -232,13 +233,14 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
-            chat::listen(
+            listener::listen(
                 &home,
                 ListenOptions {
                     bind,
                     port,
                     name: name.unwrap_or_else(default_name),
                     psk,
+                    policy: Policy::default(),
                 },
             )
             .await
