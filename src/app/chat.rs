@@ -49,6 +49,16 @@ impl Console {
         }
         println!("{line}");
     }
+
+    /// A status line: above the prompt on a terminal, on stderr otherwise (stdout carries
+    /// only messages, for scripts).
+    pub fn notice(&self, line: &str) {
+        if self.printer.is_some() {
+            self.print(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// A line the user typed, or the end of input.

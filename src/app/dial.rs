@@ -106,10 +106,15 @@ pub async fn dial(
     );
     let (handle, mut events, task) = spawn_session(stream, session);
     let host_port = t.host_port();
+    // Time spent waiting for the user's answer is not handshake time.
+    let mut asked = Duration::ZERO;
     while let Some(ev) = events.recv().await {
         match ev {
             Event::VerifyPeer { peer, name } => {
-                match decide_trust(home, &host_port, &peer, &name, opts.accept_new).await {
+                let t0 = Instant::now();
+                let decision = decide_trust(home, &host_port, &peer, &name, opts.accept_new).await;
+                asked = t0.elapsed();
+                match decision {
                     Ok(()) => handle.accept_peer(true),
                     Err(e) => {
                         handle.accept_peer(false);
@@ -124,7 +129,7 @@ pub async fn dial(
                     peer,
                     peer_name: name,
                     addr,
-                    handshake_time: started.elapsed(),
+                    handshake_time: started.elapsed().saturating_sub(asked),
                     task,
                 });
             }

@@ -269,7 +269,9 @@ async fn serve_peer(
             .expect("admission lock")
             .session_done();
         if let Some(m) = shared.room.lock().expect("room lock").remove(&id) {
-            eprintln!("{} ({}) left", sanitize(&m.name), m.peer.short());
+            shared
+                .console
+                .notice(&format!("{} ({}) left", sanitize(&m.name), m.peer.short()));
         }
     }
     let _ = task.await;
