@@ -2,6 +2,7 @@
 //! multiplexing and replay protection. Nothing in here opens a socket, reads a clock or spawns
 //! a task: callers pass bytes and the current time in, and poll actions out.
 
+pub mod announce;
 pub mod codec;
 pub mod crypto;
 pub mod handshake;

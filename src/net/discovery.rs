@@ -1,0 +1,1059 @@
+//! LAN discovery driver: moves [`crate::core::announce`] datagrams over real sockets and runs
+//! mDNS/DNS-SD through the `mdns-sd` crate.
+//!
+//! - [`Announcer`]: started by a listener. Announces on every LAN interface (IPv4 subnet
+//!   broadcast, IPv6 link-local multicast [`DISCOVERY_MULTICAST_V6`]) to [`DISCOVERY_PORT`]
+//!   on a schedule, answers QUERY datagrams at once (rate limited), and registers the
+//!   `_qssh._udp.local.` service over mDNS.
+//! - [`discover`] / [`discover_until`]: sends a QUERY on every interface, listens for
+//!   announcements and browses mDNS concurrently, and returns the merged, deduplicated peers
+//!   when the timeout passes (or earlier when the caller's predicate says so).
+//!
+//! Several processes on one host can announce and discover at once: the discovery port is
+//! bound with SO_REUSEADDR and SO_REUSEPORT, broadcast and multicast datagrams reach every
+//! such socket, and QUERY answers go to the querier's own ephemeral port.
+
+use crate::core::announce::{
+    decode_datagram, mdns_host_name, mdns_instance_name, mdns_txt, resolve, sanitize_name,
+    sighting_from_mdns, validate_ports, AnnounceError, Announcement, Conflict, Datagram,
+    DiscoveredPeer, DiscoveryTable, ListenPort, Observed, Query, ResolveError, Sighting,
+    SourceLimiter, TableStats, TokenBucket, ANNOUNCE_INTERVAL, ANNOUNCE_STARTUP_BURST,
+    DEFAULT_DISCOVER_TIMEOUT, DISCOVERY_MULTICAST_V6, DISCOVERY_PORT, MAX_DISCOVERY_DATAGRAM,
+    MDNS_SERVICE_TYPE, QUERY_SCHEDULE, REPLIES_PER_SEC, REPLIES_PER_SOURCE_PER_SEC, REPLY_BURST,
+    REPLY_BURST_PER_SOURCE, RX_BURST_PER_SOURCE, RX_PER_SOURCE_PER_SEC,
+};
+use crate::core::crypto::{random_array, OsRandom};
+use crate::core::identity::PeerId;
+use crate::core::limits::PROTOCOL_VERSION;
+use mdns_sd::{ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// At most one log line per category per this interval; the rest are counted and the count
+/// is reported with the next line.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long [`Announcer::stop`] waits for the mDNS goodbye to go out.
+const MDNS_GOODBYE_WAIT: Duration = Duration::from_millis(1000);
+/// After a receive error, wait this long before the next receive (no busy loop).
+const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(20);
+/// Receive buffer: one byte more than the largest datagram, so an oversized one is seen.
+const RX_BUF: usize = MAX_DISCOVERY_DATAGRAM + 1;
+
+/// Why discovery could not run.
+#[derive(Debug, Error)]
+pub enum DiscoveryError {
+    #[error("invalid announcement: {0}")]
+    Announce(#[from] AnnounceError),
+    #[error("the display name is empty after sanitizing")]
+    EmptyName,
+    #[error("discovery socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("mDNS: {0}")]
+    Mdns(#[from] mdns_sd::Error),
+    #[error("both broadcast and mDNS are disabled")]
+    NothingEnabled,
+    #[error("no discovery socket could be opened (IPv4: {v4}; IPv6: {v6})")]
+    NoSocket { v4: String, v6: String },
+}
+
+/// What to announce and how.
+#[derive(Debug, Clone)]
+pub struct AnnouncerConfig {
+    pub peer_id: PeerId,
+    /// Display name; sanitized on start (see [`sanitize_name`]).
+    pub name: String,
+    /// Listening ports, primary (the session port) first; 1..=MAX_ANNOUNCED_PORTS.
+    pub ports: Vec<ListenPort>,
+    /// IPv4 subnet broadcast + IPv6 link-local multicast announcements and QUERY answers.
+    pub broadcast: bool,
+    /// mDNS/DNS-SD registration of `_qssh._udp.local.`.
+    pub mdns: bool,
+    /// UDP port of the broadcast mechanism ([`DISCOVERY_PORT`]; tests may move it).
+    pub discovery_port: u16,
+    /// Period of unsolicited announcements after the start-up burst.
+    pub interval: Duration,
+}
+
+impl AnnouncerConfig {
+    /// Both mechanisms, the standard port and period.
+    pub fn new(peer_id: PeerId, name: &str, ports: Vec<ListenPort>) -> Self {
+        AnnouncerConfig {
+            peer_id,
+            name: name.to_string(),
+            ports,
+            broadcast: true,
+            mdns: true,
+            discovery_port: DISCOVERY_PORT,
+            interval: ANNOUNCE_INTERVAL,
+        }
+    }
+}
+
+/// Counters of a discovery socket loop (announcer or discover).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiscoveryStats {
+    /// Datagrams received on discovery sockets.
+    pub received: u64,
+    pub oversized: u64,
+    /// Not a qssh discovery datagram (bad magic).
+    pub foreign: u64,
+    /// qssh magic, but malformed, of an unknown type, or of an unsupported version.
+    pub malformed: u64,
+    /// Dropped by the per-source receive rate limit.
+    pub rate_limited: u64,
+    pub queries_received: u64,
+    pub queries_answered: u64,
+    /// QUERYs not answered because of the reply rate limits.
+    pub replies_limited: u64,
+    pub announcements_received: u64,
+    pub announcements_sent: u64,
+    pub queries_sent: u64,
+    pub send_errors: u64,
+    pub mdns_records: u64,
+    pub mdns_rejected: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    received: AtomicU64,
+    oversized: AtomicU64,
+    foreign: AtomicU64,
+    malformed: AtomicU64,
+    rate_limited: AtomicU64,
+    queries_received: AtomicU64,
+    queries_answered: AtomicU64,
+    replies_limited: AtomicU64,
+    announcements_received: AtomicU64,
+    announcements_sent: AtomicU64,
+    queries_sent: AtomicU64,
+    send_errors: AtomicU64,
+    mdns_records: AtomicU64,
+    mdns_rejected: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> DiscoveryStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DiscoveryStats {
+            received: g(&self.received),
+            oversized: g(&self.oversized),
+            foreign: g(&self.foreign),
+            malformed: g(&self.malformed),
+            rate_limited: g(&self.rate_limited),
+            queries_received: g(&self.queries_received),
+            queries_answered: g(&self.queries_answered),
+            replies_limited: g(&self.replies_limited),
+            announcements_received: g(&self.announcements_received),
+            announcements_sent: g(&self.announcements_sent),
+            queries_sent: g(&self.queries_sent),
+            send_errors: g(&self.send_errors),
+            mdns_records: g(&self.mdns_records),
+            mdns_rejected: g(&self.mdns_rejected),
+        }
+    }
+}
+
+/// Lets one log line through per LOG_INTERVAL and counts the ones it held back.
+#[derive(Debug, Default)]
+struct LogGate {
+    next: Option<Instant>,
+    held: u64,
+}
+
+impl LogGate {
+    /// `Some(number held back since the last line)` when a line may be logged now.
+    fn pass(&mut self, now: Instant) -> Option<u64> {
+        if self.next.is_some_and(|n| now < n) {
+            self.held += 1;
+            return None;
+        }
+        self.next = Some(now + LOG_INTERVAL);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+fn random_u64() -> u64 {
+    u64::from_be_bytes(random_array::<8>(&mut OsRandom))
+}
+
+/// A nonzero random u64 (0 means "no query" in `reply_to`).
+fn random_nonzero_u64() -> u64 {
+    random_u64().max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sockets and interfaces
+
+/// A UDP socket for discovery. `reuse`: SO_REUSEADDR + SO_REUSEPORT, so several processes
+/// share the discovery port.
+fn bind_udp(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+        s.set_multicast_loop_v6(true)?;
+        s.set_multicast_hops_v6(1)?;
+    } else {
+        s.set_broadcast(true)?;
+    }
+    if reuse {
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Where announcements and queries go on the current interfaces.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct LinkTargets {
+    /// Subnet broadcast address of every up, non-loopback IPv4 interface that has one.
+    v4_broadcast: BTreeSet<Ipv4Addr>,
+    /// Index of every up, non-loopback interface with an IPv6 link-local address.
+    v6_ifindex: BTreeSet<u32>,
+}
+
+fn link_targets() -> io::Result<LinkTargets> {
+    let mut t = LinkTargets::default();
+    for iface in if_addrs::get_if_addrs()? {
+        if iface.is_loopback() || iface.oper_status == if_addrs::IfOperStatus::Down {
+            continue;
+        }
+        match &iface.addr {
+            if_addrs::IfAddr::V4(v4) => {
+                if let Some(b) = v4.broadcast {
+                    if !b.is_broadcast() && !b.is_unspecified() {
+                        t.v4_broadcast.insert(b);
+                    }
+                }
+            }
+            if_addrs::IfAddr::V6(v6) => {
+                if v6.ip.segments()[0] & 0xffc0 == 0xfe80 {
+                    if let Some(i) = iface.index {
+                        t.v6_ifindex.insert(i);
+                    }
+                }
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// The IPv4 and IPv6 sockets of one role (port listener or querier), either may be absent.
+struct SocketPair {
+    v4: Option<UdpSocket>,
+    v6: Option<UdpSocket>,
+    joined_v6: BTreeSet<u32>,
+}
+
+impl SocketPair {
+    fn bind(port: u16, reuse: bool) -> Result<Self, DiscoveryError> {
+        let v4 = bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), reuse);
+        let v6 = bind_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), reuse);
+        match (v4, v6) {
+            (Err(e4), Err(e6)) => Err(DiscoveryError::NoSocket {
+                v4: e4.to_string(),
+                v6: e6.to_string(),
+            }),
+            (v4, v6) => {
+                if let Err(e) = &v4 {
+                    debug!("discovery: no IPv4 socket on port {port}: {e}");
+                }
+                if let Err(e) = &v6 {
+                    debug!("discovery: no IPv6 socket on port {port}: {e}");
+                }
+                Ok(SocketPair {
+                    v4: v4.ok(),
+                    v6: v6.ok(),
+                    joined_v6: BTreeSet::new(),
+                })
+            }
+        }
+    }
+
+    /// Joins the IPv6 discovery group on interfaces not joined yet (new interfaces appear).
+    fn join_groups(&mut self, targets: &LinkTargets) {
+        let Some(v6) = &self.v6 else { return };
+        for &i in &targets.v6_ifindex {
+            if self.joined_v6.contains(&i) {
+                continue;
+            }
+            match v6.join_multicast_v6(&DISCOVERY_MULTICAST_V6, i) {
+                Ok(()) => {
+                    self.joined_v6.insert(i);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+                    self.joined_v6.insert(i);
+                }
+                Err(e) => debug!("discovery: cannot join IPv6 group on interface {i}: {e}"),
+            }
+        }
+        // Interfaces that vanished: forget them, so they are joined again if they return.
+        self.joined_v6.retain(|i| targets.v6_ifindex.contains(i));
+    }
+
+    /// Sends `bytes` to every broadcast address and every IPv6 interface. Never blocks: a
+    /// datagram the socket cannot take now is counted and dropped.
+    fn send_all(&self, port: u16, bytes: &[u8], targets: &LinkTargets, counters: &Counters) -> u64 {
+        let mut sent = 0;
+        if let Some(v4) = &self.v4 {
+            for b in &targets.v4_broadcast {
+                match v4.try_send_to(bytes, SocketAddr::V4(SocketAddrV4::new(*b, port))) {
+                    Ok(_) => sent += 1,
+                    Err(_) => bump(&counters.send_errors),
+                }
+            }
+        }
+        if let Some(v6) = &self.v6 {
+            for i in &targets.v6_ifindex {
+                let to = SocketAddrV6::new(DISCOVERY_MULTICAST_V6, port, 0, *i);
+                match v6.try_send_to(bytes, SocketAddr::V6(to)) {
+                    Ok(_) => sent += 1,
+                    Err(_) => bump(&counters.send_errors),
+                }
+            }
+        }
+        sent
+    }
+}
+
+async fn recv_opt(s: Option<&UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    match s {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Classifies one received datagram: rate limit, size, decode. Updates counters; returns
+/// the decoded datagram when it should be acted on.
+fn accept_datagram(
+    now: Instant,
+    bytes: &[u8],
+    src: SocketAddr,
+    limiter: &mut SourceLimiter,
+    counters: &Counters,
+    gate: &mut LogGate,
+) -> Option<Datagram> {
+    bump(&counters.received);
+    if !limiter.allow(now, src.ip()) {
+        bump(&counters.rate_limited);
+        if let Some(held) = gate.pass(now) {
+            debug!("discovery: rate limiting {src} ({held} earlier drops not logged)");
+        }
+        return None;
+    }
+    match decode_datagram(bytes) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            match e {
+                AnnounceError::Oversized(_) => bump(&counters.oversized),
+                AnnounceError::Foreign => bump(&counters.foreign),
+                _ => bump(&counters.malformed),
+            }
+            if let Some(held) = gate.pass(now) {
+                debug!("discovery: ignoring datagram from {src}: {e} ({held} earlier drops not logged)");
+            }
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Announcer
+
+struct MdnsRegistration {
+    daemon: ServiceDaemon,
+    fullname: String,
+}
+
+impl MdnsRegistration {
+    fn start(a: &Announcement) -> Result<Self, DiscoveryError> {
+        let daemon = ServiceDaemon::new()?;
+        let props = mdns_txt(a);
+        let port = a.ports.first().map(|p| p.port).unwrap_or(0);
+        let info = ServiceInfo::new(
+            MDNS_SERVICE_TYPE,
+            &mdns_instance_name(a),
+            &mdns_host_name(a),
+            (),
+            port,
+            &props[..],
+        )?
+        .enable_addr_auto();
+        let fullname = info.get_fullname().to_string();
+        daemon.register(info)?;
+        Ok(MdnsRegistration { daemon, fullname })
+    }
+
+    /// Sends the goodbye (bounded wait) and stops the daemon thread.
+    async fn stop(self) {
+        if let Ok(rx) = self.daemon.unregister(&self.fullname) {
+            let _ = tokio::time::timeout(MDNS_GOODBYE_WAIT, rx.recv_async()).await;
+        }
+        if let Ok(rx) = self.daemon.shutdown() {
+            let _ = tokio::time::timeout(MDNS_GOODBYE_WAIT, rx.recv_async()).await;
+        }
+    }
+}
+
+/// A running announcer. Stop it with [`Announcer::stop`] (sends the mDNS goodbye); dropping
+/// it stops it too, without waiting.
+pub struct Announcer {
+    peer_id: PeerId,
+    instance: u64,
+    name: String,
+    stop_tx: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    mdns: Option<MdnsRegistration>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Announcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announcer")
+            .field("peer_id", &self.peer_id)
+            .field("instance", &format_args!("{:016x}", self.instance))
+            .field("broadcast", &self.task.is_some())
+            .field("mdns", &self.mdns.is_some())
+            .finish()
+    }
+}
+
+impl Announcer {
+    /// Starts announcing (must be called inside a tokio runtime). Fails if the name is
+    /// empty after sanitizing, the ports are invalid, nothing is enabled, or no enabled
+    /// mechanism could start (no socket for either IP family; mDNS daemon error).
+    pub async fn start(cfg: AnnouncerConfig) -> Result<Announcer, DiscoveryError> {
+        if !cfg.broadcast && !cfg.mdns {
+            return Err(DiscoveryError::NothingEnabled);
+        }
+        let name = sanitize_name(&cfg.name);
+        if name.is_empty() {
+            return Err(DiscoveryError::EmptyName);
+        }
+        validate_ports(&cfg.ports)?;
+        let template = Announcement {
+            peer_id: cfg.peer_id,
+            protocol_version: PROTOCOL_VERSION,
+            instance: random_nonzero_u64(),
+            seq: 0,
+            reply_to: 0,
+            name: name.clone(),
+            ports: cfg.ports.clone(),
+        };
+        // Fail early (and never later) on an unencodable announcement.
+        template.encode()?;
+        let counters = Arc::new(Counters::default());
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = if cfg.broadcast {
+            let sockets = SocketPair::bind(cfg.discovery_port, true)?;
+            let counters = counters.clone();
+            let template = template.clone();
+            let (port, interval) = (cfg.discovery_port, cfg.interval);
+            Some(tokio::spawn(async move {
+                run_announcer(sockets, template, port, interval, counters, stop_rx).await
+            }))
+        } else {
+            None
+        };
+        let mdns = if cfg.mdns {
+            Some(MdnsRegistration::start(&template)?)
+        } else {
+            None
+        };
+        info!(
+            peer_id = %cfg.peer_id,
+            name = %name,
+            broadcast = cfg.broadcast,
+            mdns = cfg.mdns,
+            "announcing on the LAN"
+        );
+        Ok(Announcer {
+            peer_id: cfg.peer_id,
+            instance: template.instance,
+            name,
+            stop_tx: Some(stop_tx),
+            task,
+            mdns,
+            counters,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The random instance of this announcer (the mDNS `inst` TXT value).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// The sanitized name being announced.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counters of the broadcast side.
+    pub fn stats(&self) -> DiscoveryStats {
+        self.counters.snapshot()
+    }
+
+    /// Stops announcing: ends the broadcast task and sends the mDNS goodbye (waiting at
+    /// most MDNS_GOODBYE_WAIT for each mDNS step).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        if let Some(m) = self.mdns.take() {
+            m.stop().await;
+        }
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if let Some(m) = self.mdns.take() {
+            let _ = m.daemon.unregister(&m.fullname);
+            let _ = m.daemon.shutdown();
+        }
+    }
+}
+
+/// The next periodic announcement: ±10 % jitter so announcers started together drift apart.
+fn jittered(interval: Duration) -> Duration {
+    let tenth = interval / 10;
+    let nanos = u64::try_from(tenth.as_nanos()).unwrap_or(u64::MAX).max(1);
+    interval - tenth + Duration::from_nanos(random_u64() % (2 * nanos))
+}
+
+struct AnnouncerLoop {
+    template: Announcement,
+    seq: u64,
+    port: u16,
+    counters: Arc<Counters>,
+    rx_limit: SourceLimiter,
+    reply_limit: SourceLimiter,
+    reply_total: TokenBucket,
+    drop_gate: LogGate,
+    send_gate: LogGate,
+}
+
+impl AnnouncerLoop {
+    fn next_announcement(&mut self, reply_to: u64) -> Option<Vec<u8>> {
+        self.seq += 1;
+        let a = Announcement {
+            seq: self.seq,
+            reply_to,
+            ..self.template.clone()
+        };
+        // The template was encoded once at start; this cannot fail.
+        a.encode().ok()
+    }
+
+    fn round(&mut self, sockets: &mut SocketPair) {
+        let targets = match link_targets() {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(held) = self.send_gate.pass(Instant::now()) {
+                    warn!("discovery: cannot list interfaces: {e} ({held} similar not logged)");
+                }
+                return;
+            }
+        };
+        sockets.join_groups(&targets);
+        if let Some(bytes) = self.next_announcement(0) {
+            let n = sockets.send_all(self.port, &bytes, &targets, &self.counters);
+            self.counters
+                .announcements_sent
+                .fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn handle(&mut self, sock: &UdpSocket, bytes: &[u8], src: SocketAddr) {
+        let now = Instant::now();
+        let counters = self.counters.clone();
+        match accept_datagram(
+            now,
+            bytes,
+            src,
+            &mut self.rx_limit,
+            &counters,
+            &mut self.drop_gate,
+        ) {
+            Some(Datagram::Query(q)) => {
+                bump(&counters.queries_received);
+                if !self.reply_limit.allow(now, src.ip()) || !self.reply_total.take(now) {
+                    bump(&counters.replies_limited);
+                    return;
+                }
+                if let Some(reply) = self.next_announcement(q.nonce) {
+                    match sock.try_send_to(&reply, src) {
+                        Ok(_) => bump(&counters.queries_answered),
+                        Err(e) => {
+                            bump(&counters.send_errors);
+                            if let Some(held) = self.send_gate.pass(now) {
+                                warn!("discovery: cannot answer {src}: {e} ({held} similar not logged)");
+                            }
+                        }
+                    }
+                }
+            }
+            Some(Datagram::Announce(_)) => bump(&counters.announcements_received),
+            None => {}
+        }
+    }
+}
+
+async fn run_announcer(
+    mut sockets: SocketPair,
+    template: Announcement,
+    port: u16,
+    interval: Duration,
+    counters: Arc<Counters>,
+    mut stop_rx: oneshot::Receiver<()>,
+) {
+    let start = Instant::now();
+    let mut st = AnnouncerLoop {
+        template,
+        seq: 0,
+        port,
+        counters,
+        rx_limit: SourceLimiter::new(RX_PER_SOURCE_PER_SEC, RX_BURST_PER_SOURCE, start),
+        reply_limit: SourceLimiter::new(REPLIES_PER_SOURCE_PER_SEC, REPLY_BURST_PER_SOURCE, start),
+        reply_total: TokenBucket::new(REPLIES_PER_SEC, REPLY_BURST, start),
+        drop_gate: LogGate::default(),
+        send_gate: LogGate::default(),
+    };
+    // Start-up burst at fixed offsets from start, then the jittered period.
+    let mut burst_idx = 0usize;
+    let mut next = tokio::time::Instant::from_std(start + ANNOUNCE_STARTUP_BURST[0]);
+    let mut buf4 = vec![0u8; RX_BUF];
+    let mut buf6 = vec![0u8; RX_BUF];
+    // Join the IPv6 group before the first announcement, so QUERYs are heard from the start.
+    if let Ok(t) = link_targets() {
+        sockets.join_groups(&t);
+    }
+    loop {
+        tokio::select! {
+            _ = &mut stop_rx => break,
+            _ = tokio::time::sleep_until(next) => {
+                st.round(&mut sockets);
+                burst_idx += 1;
+                next = match ANNOUNCE_STARTUP_BURST.get(burst_idx) {
+                    Some(d) => tokio::time::Instant::from_std(start + *d),
+                    None => tokio::time::Instant::now() + jittered(interval),
+                };
+            }
+            r = recv_opt(sockets.v4.as_ref(), &mut buf4) => match r {
+                Ok((n, src)) => {
+                    if let Some(s) = sockets.v4.as_ref() {
+                        st.handle(s, &buf4[..n], src);
+                    }
+                }
+                Err(_) => tokio::time::sleep(RECV_ERROR_BACKOFF).await,
+            },
+            r = recv_opt(sockets.v6.as_ref(), &mut buf6) => match r {
+                Ok((n, src)) => {
+                    if let Some(s) = sockets.v6.as_ref() {
+                        st.handle(s, &buf6[..n], src);
+                    }
+                }
+                Err(_) => tokio::time::sleep(RECV_ERROR_BACKOFF).await,
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discover
+
+/// How to discover.
+#[derive(Debug, Clone)]
+pub struct DiscoverOptions {
+    /// Total time to listen ([`DEFAULT_DISCOVER_TIMEOUT`] by default).
+    pub timeout: Duration,
+    /// Send QUERYs and listen for broadcast/multicast announcements.
+    pub broadcast: bool,
+    /// Browse `_qssh._udp.local.` over mDNS.
+    pub mdns: bool,
+    /// UDP port of the broadcast mechanism.
+    pub discovery_port: u16,
+    /// Peer IDs left out of the result (e.g. our own).
+    pub exclude: Vec<PeerId>,
+}
+
+impl Default for DiscoverOptions {
+    fn default() -> Self {
+        DiscoverOptions {
+            timeout: DEFAULT_DISCOVER_TIMEOUT,
+            broadcast: true,
+            mdns: true,
+            discovery_port: DISCOVERY_PORT,
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// What a discovery run found.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    /// Deduplicated peers in display order (see [`DiscoveryTable::peers`]).
+    pub peers: Vec<DiscoveredPeer>,
+    /// Conflicts seen (including ones involving excluded peer IDs).
+    pub conflicts: Vec<Conflict>,
+    /// How long the run took.
+    pub elapsed: Duration,
+    /// When each peer was first seen, relative to the start (same order as `peers`).
+    pub first_seen: Vec<Duration>,
+    pub stats: DiscoveryStats,
+    pub table: TableStats,
+}
+
+impl Discovery {
+    /// Resolves a `connect` target (peer ID, unique prefix of at least 8, unique name).
+    pub fn resolve(&self, target: &str) -> Result<&DiscoveredPeer, ResolveError> {
+        resolve(&self.peers, target)
+    }
+}
+
+/// Discovers for `opts.timeout` and returns everything seen.
+pub async fn discover(opts: &DiscoverOptions) -> Result<Discovery, DiscoveryError> {
+    discover_until(opts, |_| false).await
+}
+
+/// Like [`discover`], but returns as soon as `done` returns true for the peers seen so far
+/// (it is called after every change). Stop early only on something that cannot become
+/// ambiguous later, e.g. an exact peer ID: a name conflict may arrive after the first match.
+pub async fn discover_until<F>(
+    opts: &DiscoverOptions,
+    mut done: F,
+) -> Result<Discovery, DiscoveryError>
+where
+    F: FnMut(&[DiscoveredPeer]) -> bool,
+{
+    if !opts.broadcast && !opts.mdns {
+        return Err(DiscoveryError::NothingEnabled);
+    }
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::from_std(start + opts.timeout);
+    let counters = Counters::default();
+    let mut table = DiscoveryTable::new();
+    let mut first_seen: std::collections::BTreeMap<PeerId, Duration> = Default::default();
+    let mut rx_limit = SourceLimiter::new(RX_PER_SOURCE_PER_SEC, RX_BURST_PER_SOURCE, start);
+    let mut drop_gate = LogGate::default();
+
+    // Broadcast: an ephemeral querier pair (QUERY answers come back to it) and, best effort,
+    // a pair on the discovery port for periodic announcements.
+    let (mut querier, mut listener) = if opts.broadcast {
+        let q = SocketPair::bind(0, false)?;
+        let l = match SocketPair::bind(opts.discovery_port, true) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                debug!("discovery: not listening on the discovery port: {e}");
+                None
+            }
+        };
+        (Some(q), l)
+    } else {
+        (None, None)
+    };
+
+    // mDNS browse on a private daemon.
+    let mdns = if opts.mdns {
+        let daemon = ServiceDaemon::new()?;
+        let rx = daemon.browse(MDNS_SERVICE_TYPE)?;
+        Some((daemon, rx))
+    } else {
+        None
+    };
+    let mut mdns_rx = mdns.as_ref().map(|(_, rx)| rx.clone());
+
+    let query = Query {
+        nonce: random_nonzero_u64(),
+    }
+    .encode();
+    let mut query_round = 0usize;
+    let mut next_query = tokio::time::Instant::from_std(start + QUERY_SCHEDULE[0]);
+    let mut bufs = [[0u8; RX_BUF]; 4];
+    let [b0, b1, b2, b3] = &mut bufs;
+
+    let exclude: BTreeSet<PeerId> = opts.exclude.iter().copied().collect();
+    let visible = |t: &DiscoveryTable, now: Instant| -> Vec<DiscoveredPeer> {
+        t.peers(now)
+            .into_iter()
+            .filter(|p| !exclude.contains(&p.peer_id))
+            .collect()
+    };
+
+    loop {
+        let mut changed = false;
+        let mut seen: Option<Sighting> = None;
+        let qs = querier.as_ref();
+        let ls = listener.as_ref();
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep_until(next_query), if querier.is_some() && query_round < QUERY_SCHEDULE.len() => {
+                if let Some(q) = querier.as_mut() {
+                    match link_targets() {
+                        Ok(targets) => {
+                            if let Some(l) = listener.as_mut() {
+                                l.join_groups(&targets);
+                            }
+                            let n = q.send_all(opts.discovery_port, &query, &targets, &counters);
+                            counters.queries_sent.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => debug!("discovery: cannot list interfaces: {e}"),
+                    }
+                }
+                query_round += 1;
+                if let Some(d) = QUERY_SCHEDULE.get(query_round) {
+                    next_query = tokio::time::Instant::from_std(start + *d);
+                }
+            }
+            r = recv_opt(qs.and_then(|p| p.v4.as_ref()), b0) => seen = on_recv(r, b0, &mut rx_limit, &counters, &mut drop_gate).await,
+            r = recv_opt(qs.and_then(|p| p.v6.as_ref()), b1) => seen = on_recv(r, b1, &mut rx_limit, &counters, &mut drop_gate).await,
+            r = recv_opt(ls.and_then(|p| p.v4.as_ref()), b2) => seen = on_recv(r, b2, &mut rx_limit, &counters, &mut drop_gate).await,
+            r = recv_opt(ls.and_then(|p| p.v6.as_ref()), b3) => seen = on_recv(r, b3, &mut rx_limit, &counters, &mut drop_gate).await,
+            ev = async {
+                match &mdns_rx {
+                    Some(rx) => rx.recv_async().await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => match ev {
+                Some(ServiceEvent::ServiceResolved(svc)) => {
+                    bump(&counters.mdns_records);
+                    let port = svc.get_port();
+                    let addrs: Vec<SocketAddr> = svc
+                        .get_addresses()
+                        .iter()
+                        // Loopback addresses only reach this host's own processes, which
+                        // are listed with their LAN addresses anyway.
+                        .filter(|a| !a.is_loopback())
+                        .filter_map(|a| match a {
+                            ScopedIp::V4(v4) => Some(SocketAddr::V4(SocketAddrV4::new(*v4.addr(), port))),
+                            ScopedIp::V6(v6) => Some(SocketAddr::V6(SocketAddrV6::new(*v6.addr(), port, 0, v6.scope_id().index))),
+                            _ => None,
+                        })
+                        .collect();
+                    let get = |k: &str| svc.get_property_val_str(k).map(str::to_string);
+                    match sighting_from_mdns(&get, svc.get_fullname(), port, &addrs) {
+                        Ok(s) => seen = Some(s),
+                        Err(e) => {
+                            bump(&counters.mdns_rejected);
+                            if let Some(held) = drop_gate.pass(Instant::now()) {
+                                debug!("discovery: ignoring mDNS record {:?}: {e} ({held} earlier drops not logged)", svc.get_fullname());
+                            }
+                        }
+                    }
+                }
+                Some(_) => {}
+                // The daemon went away: stop polling it.
+                None => mdns_rx = None,
+            },
+        }
+        if let Some(s) = seen {
+            let now = Instant::now();
+            let r = table.observe(now, &s);
+            if !exclude.contains(&s.peer_id) {
+                first_seen
+                    .entry(s.peer_id)
+                    .or_insert_with(|| now.saturating_duration_since(start));
+            }
+            changed = matches!(
+                r,
+                Observed::NewPeer | Observed::NewClaim | Observed::Updated
+            );
+        }
+        if changed && done(&visible(&table, Instant::now())) {
+            break;
+        }
+    }
+
+    if let Some((daemon, _)) = mdns {
+        let _ = daemon.stop_browse(MDNS_SERVICE_TYPE);
+        let _ = daemon.shutdown();
+    }
+    querier.take();
+    listener.take();
+    let now = Instant::now();
+    let peers = visible(&table, now);
+    let conflicts = table.conflicts(now);
+    for c in &conflicts {
+        if let Some(held) = drop_gate.pass(now) {
+            warn!("discovery conflict: {c} ({held} similar not logged)");
+        }
+    }
+    let first = peers
+        .iter()
+        .map(|p| first_seen.get(&p.peer_id).copied().unwrap_or_default())
+        .collect();
+    Ok(Discovery {
+        peers,
+        conflicts,
+        elapsed: now.saturating_duration_since(start),
+        first_seen: first,
+        stats: counters.snapshot(),
+        table: table.stats(),
+    })
+}
+
+async fn on_recv(
+    r: io::Result<(usize, SocketAddr)>,
+    buf: &[u8],
+    limiter: &mut SourceLimiter,
+    counters: &Counters,
+    gate: &mut LogGate,
+) -> Option<Sighting> {
+    let (n, src) = match r {
+        Ok(x) => x,
+        Err(_) => {
+            tokio::time::sleep(RECV_ERROR_BACKOFF).await;
+            return None;
+        }
+    };
+    match accept_datagram(Instant::now(), &buf[..n], src, limiter, counters, gate)? {
+        Datagram::Announce(a) => {
+            bump(&counters.announcements_received);
+            Some(Sighting::from_announcement(&a, src))
+        }
+        Datagram::Query(_) => {
+            bump(&counters.queries_received);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_gate_lets_one_line_per_interval() {
+        let t0 = Instant::now();
+        let mut g = LogGate::default();
+        assert_eq!(g.pass(t0), Some(0));
+        assert_eq!(g.pass(t0 + Duration::from_secs(1)), None);
+        assert_eq!(g.pass(t0 + Duration::from_secs(2)), None);
+        assert_eq!(g.pass(t0 + LOG_INTERVAL), Some(2));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let base = Duration::from_secs(5);
+        for _ in 0..200 {
+            let j = jittered(base);
+            assert!(j >= base - base / 10 && j < base + base / 10, "{j:?}");
+        }
+    }
+
+    #[test]
+    fn accept_datagram_classifies_and_limits() {
+        let t0 = Instant::now();
+        let counters = Counters::default();
+        let mut limiter = SourceLimiter::new(1, 3, t0);
+        let mut gate = LogGate::default();
+        let src: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        let q = Query { nonce: 5 }.encode();
+        assert_eq!(
+            accept_datagram(t0, &q, src, &mut limiter, &counters, &mut gate),
+            Some(Datagram::Query(Query { nonce: 5 }))
+        );
+        assert!(accept_datagram(t0, b"junk", src, &mut limiter, &counters, &mut gate).is_none());
+        assert!(
+            accept_datagram(t0, &[0u8; RX_BUF], src, &mut limiter, &counters, &mut gate).is_none()
+        );
+        // The bucket (burst 3) is empty now.
+        assert!(accept_datagram(t0, &q, src, &mut limiter, &counters, &mut gate).is_none());
+        let s = counters.snapshot();
+        assert_eq!(
+            (s.received, s.foreign, s.oversized, s.rate_limited),
+            (4, 1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_enabled_is_an_error() {
+        let opts = DiscoverOptions {
+            broadcast: false,
+            mdns: false,
+            ..Default::default()
+        };
+        assert!(matches!(
+            discover(&opts).await,
+            Err(DiscoveryError::NothingEnabled)
+        ));
+        let mut cfg = AnnouncerConfig::new(PeerId([1; 32]), "x", vec![ListenPort::tcp(1)]);
+        cfg.broadcast = false;
+        cfg.mdns = false;
+        assert!(matches!(
+            Announcer::start(cfg).await,
+            Err(DiscoveryError::NothingEnabled)
+        ));
+        let cfg = AnnouncerConfig::new(PeerId([1; 32]), "\u{7}", vec![ListenPort::tcp(1)]);
+        assert!(matches!(
+            Announcer::start(cfg).await,
+            Err(DiscoveryError::EmptyName)
+        ));
+    }
+
+    /// Two announcers and a discover in one process over loopback-delivered broadcast and
+    /// multicast, on a private port. Needs an interface with a broadcast address or IPv6
+    /// link-local address; without one (a bare container) there is nothing to test.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_host_announce_and_discover() {
+        let targets = link_targets().unwrap();
+        if targets.v4_broadcast.is_empty() && targets.v6_ifindex.is_empty() {
+            eprintln!("SKIP same_host_announce_and_discover: no LAN interface on this host");
+            return;
+        }
+        let port = 42000 + (std::process::id() % 1000) as u16;
+        let mk = |b: u8, name: &str| {
+            let mut c = AnnouncerConfig::new(
+                PeerId([b; 32]),
+                name,
+                vec![ListenPort::tcp(7000 + b as u16)],
+            );
+            c.mdns = false;
+            c.discovery_port = port;
+            c
+        };
+        let a = Announcer::start(mk(1, "one")).await.unwrap();
+        let b = Announcer::start(mk(2, "two")).await.unwrap();
+        let opts = DiscoverOptions {
+            timeout: Duration::from_secs(3),
+            mdns: false,
+            discovery_port: port,
+            ..Default::default()
+        };
+        let found = discover_until(&opts, |p| p.len() >= 2).await.unwrap();
+        let ids: Vec<PeerId> = found.peers.iter().map(|p| p.peer_id).collect();
+        assert_eq!(ids, vec![PeerId([1; 32]), PeerId([2; 32])], "{found:?}");
+        assert!(found
+            .peers
+            .iter()
+            .all(|p| p.via.broadcast && !p.addrs.is_empty()));
+        assert_eq!(found.resolve("two").unwrap().peer_id, PeerId([2; 32]));
+        a.stop().await;
+        b.stop().await;
+    }
+}

@@ -1,0 +1,3 @@
+//! Tokio drivers that move the sans-IO core's bytes over real links.
+
+pub mod discovery;
