@@ -91,7 +91,8 @@ fn stats_json(s: &DiscoveryStats) -> Value {
         "queries_received": s.queries_received, "queries_answered": s.queries_answered,
         "replies_limited": s.replies_limited, "announcements_received": s.announcements_received,
         "announcements_sent": s.announcements_sent, "queries_sent": s.queries_sent,
-        "send_errors": s.send_errors, "mdns_records": s.mdns_records,
+        "send_errors": s.send_errors, "mdns_queries_sent": s.mdns_queries_sent,
+        "mdns_records": s.mdns_records,
         "mdns_rejected": s.mdns_rejected,
     })
 }

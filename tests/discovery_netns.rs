@@ -534,6 +534,37 @@ fn standard_mdns_browser_sees_our_record() {
     assert!(addrs(ours).contains(&format!("{ip}:2001")), "{ours}");
     assert_eq!(ours["ports"][0]["port"], 2001);
     a.stop();
+
+    // The other way round: a service registered by python-zeroconf (a foreign responder,
+    // without our `inst` key) is found by our discover over mDNS alone.
+    let foreign_id = format!("{}a", "b".repeat(51));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/netns/zeroconf_register.py"
+    );
+    let mut reg = lab.spawn(
+        1,
+        "python3",
+        &[
+            script,
+            &foreign_id,
+            "zc-peer",
+            "3003",
+            &lab.hosts[1].ipv4.to_string(),
+            "30",
+        ],
+    );
+    assert_eq!(reg.expect_line(PROBE_WAIT), "ready");
+    let d = discover(&lab, 0, &["--no-broadcast", "--timeout-ms", "1500"]);
+    // Our one-shot query got a (unicast) answer from the foreign responder and parsed it.
+    assert!(d["stats"]["received"].as_u64().unwrap() >= 1, "{d}");
+    assert_eq!(d["stats"]["mdns_rejected"], 0, "{d}");
+    let p = peer(&d, &foreign_id);
+    assert_eq!(p["name"], "zc-peer", "{p}");
+    assert_eq!(p["via"], "mdns", "{p}");
+    assert_eq!(addrs(p)[0], format!("{}:3003", lab.hosts[1].ipv4), "{p}");
+    reg.close_stdin();
+    assert!(reg.wait(PROBE_WAIT).is_some_and(|s| s.success()));
 }
 
 /// Time until every host lists all others, for 2 and 8 hosts (or QSSH_BENCH_HOSTS), per

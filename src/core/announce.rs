@@ -541,6 +541,421 @@ pub fn sighting_from_mdns(
     })
 }
 
+/// A one-shot ("legacy unicast", RFC 6762 §6.7) DNS-SD query and a bounded parser for its
+/// answer. A query sent from a port other than 5353 is answered at once, by unicast, with the
+/// full record set, and is exempt from the responder's once-per-second multicast rate limit:
+/// so `discover` sees mDNS peers in milliseconds, however often it runs. Standard responders
+/// (Avahi, Bonjour, mdns-sd) all implement it.
+pub mod mdns_wire {
+    use super::AnnounceError;
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    /// The mDNS port and groups.
+    pub const MDNS_PORT: u16 = 5353;
+    pub const MDNS_GROUP_V4: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
+    pub const MDNS_GROUP_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xfb);
+    /// Largest mDNS message accepted (RFC 6762 §17: up to 9000 bytes).
+    pub const MAX_MDNS_MESSAGE: usize = 9000;
+    /// Records (all sections together) parsed from one message.
+    pub const MAX_DNS_RECORDS: usize = 128;
+    /// Compression pointers followed in one name.
+    pub const MAX_NAME_POINTERS: usize = 32;
+    /// Service instances taken from one message.
+    pub const MAX_INSTANCES: usize = 32;
+    /// TXT strings kept per record, and addresses per host.
+    pub const MAX_TXT_STRINGS: usize = 32;
+    pub const MAX_HOST_ADDRS: usize = 8;
+    const MAX_DNS_NAME: usize = 255;
+
+    const TYPE_A: u16 = 1;
+    const TYPE_PTR: u16 = 12;
+    const TYPE_TXT: u16 = 16;
+    const TYPE_AAAA: u16 = 28;
+    const TYPE_SRV: u16 = 33;
+    const CLASS_IN: u16 = 1;
+
+    /// Lower-cased labels of a domain name.
+    type Name = Vec<Vec<u8>>;
+
+    fn err(what: &'static str) -> AnnounceError {
+        AnnounceError::Malformed(what)
+    }
+
+    fn labels_of(dotted: &str) -> Name {
+        dotted
+            .trim_end_matches('.')
+            .split('.')
+            .map(|l| l.as_bytes().to_ascii_lowercase())
+            .collect()
+    }
+
+    /// A PTR question for `service` (e.g. "_qssh._udp.local."), class IN, with message `id`.
+    /// `service` is a constant of ours: labels of at most 63 bytes.
+    pub fn legacy_ptr_query(id: u16, service: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for l in service.trim_end_matches('.').split('.') {
+            debug_assert!(!l.is_empty() && l.len() <= 63);
+            v.push(l.len() as u8);
+            v.extend_from_slice(l.as_bytes());
+        }
+        v.push(0);
+        v.extend_from_slice(&TYPE_PTR.to_be_bytes());
+        v.extend_from_slice(&CLASS_IN.to_be_bytes());
+        v
+    }
+
+    fn u16_at(m: &[u8], at: usize) -> Result<u16, AnnounceError> {
+        let b = m.get(at..at + 2).ok_or(err("dns truncated"))?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// Reads a (possibly compressed) name at `pos`; returns it and the position after it.
+    /// Every pointer must go strictly backwards from where the current run started, so
+    /// decoding always terminates; at most MAX_NAME_POINTERS are followed.
+    fn read_name(m: &[u8], mut pos: usize) -> Result<(Name, usize), AnnounceError> {
+        let mut labels = Name::new();
+        let mut total = 0usize;
+        let mut after: Option<usize> = None;
+        let mut run_start = pos;
+        let mut jumps = 0usize;
+        loop {
+            let len = *m.get(pos).ok_or(err("dns name truncated"))? as usize;
+            match len & 0xc0 {
+                0x00 if len == 0 => {
+                    return Ok((labels, after.unwrap_or(pos + 1)));
+                }
+                0x00 => {
+                    let label = m
+                        .get(pos + 1..pos + 1 + len)
+                        .ok_or(err("dns name truncated"))?;
+                    total += len + 1;
+                    if total > MAX_DNS_NAME {
+                        return Err(err("dns name too long"));
+                    }
+                    labels.push(label.to_ascii_lowercase());
+                    pos += 1 + len;
+                }
+                0xc0 => {
+                    let lo = *m.get(pos + 1).ok_or(err("dns name truncated"))? as usize;
+                    let target = ((len & 0x3f) << 8) | lo;
+                    if target >= run_start {
+                        return Err(err("dns pointer does not go backwards"));
+                    }
+                    jumps += 1;
+                    if jumps > MAX_NAME_POINTERS {
+                        return Err(err("dns pointer chain"));
+                    }
+                    after.get_or_insert(pos + 2);
+                    run_start = target;
+                    pos = target;
+                }
+                _ => return Err(err("dns label type")),
+            }
+        }
+    }
+
+    /// One service instance as a DNS-SD answer describes it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ResolvedInstance {
+        /// Full instance name, lower-cased, dotted, with the trailing dot.
+        pub fullname: String,
+        /// SRV port.
+        pub port: u16,
+        /// TXT key/value pairs (keys lower-cased; the first of a key wins).
+        pub txt: Vec<(String, String)>,
+        /// A/AAAA addresses of the SRV target.
+        pub ips: Vec<IpAddr>,
+    }
+
+    impl ResolvedInstance {
+        pub fn get(&self, key: &str) -> Option<String> {
+            self.txt
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    fn dotted(n: &Name) -> String {
+        let mut s = n
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect::<Vec<_>>()
+            .join(".");
+        s.push('.');
+        s
+    }
+
+    /// Parses a response to [`legacy_ptr_query`] with message `id` and returns the complete
+    /// instances of `service` it carries (PTR + SRV + TXT + addresses). Never panics; every
+    /// count and length is checked against a named limit before use.
+    pub fn parse_response(
+        m: &[u8],
+        id: u16,
+        service: &str,
+    ) -> Result<Vec<ResolvedInstance>, AnnounceError> {
+        if m.len() > MAX_MDNS_MESSAGE {
+            return Err(AnnounceError::Oversized(m.len()));
+        }
+        if m.len() < 12 {
+            return Err(err("dns header"));
+        }
+        if u16_at(m, 0)? != id {
+            return Err(AnnounceError::Foreign);
+        }
+        let flags = u16_at(m, 2)?;
+        if flags & 0x8000 == 0 || flags & 0x000f != 0 {
+            return Err(err("not a dns answer"));
+        }
+        let qd = u16_at(m, 4)? as usize;
+        let rr = u16_at(m, 6)? as usize + u16_at(m, 8)? as usize + u16_at(m, 10)? as usize;
+        if qd + rr > MAX_DNS_RECORDS {
+            return Err(err("too many dns records"));
+        }
+        let mut pos = 12;
+        for _ in 0..qd {
+            let (_, next) = read_name(m, pos)?;
+            pos = next + 4;
+            if pos > m.len() {
+                return Err(err("dns question truncated"));
+            }
+        }
+        let service = labels_of(service);
+        let mut instances: Vec<Name> = Vec::new();
+        let mut srv: BTreeMap<Name, (u16, Name)> = BTreeMap::new();
+        let mut txt: BTreeMap<Name, Vec<(String, String)>> = BTreeMap::new();
+        let mut addrs: BTreeMap<Name, Vec<IpAddr>> = BTreeMap::new();
+        for _ in 0..rr {
+            let (owner, next) = read_name(m, pos)?;
+            let rtype = u16_at(m, next)?;
+            let class = u16_at(m, next + 2)? & 0x7fff;
+            let ttl = m
+                .get(next + 4..next + 8)
+                .ok_or(err("dns record truncated"))?;
+            let ttl = u32::from_be_bytes([ttl[0], ttl[1], ttl[2], ttl[3]]);
+            let rdlen = u16_at(m, next + 8)? as usize;
+            let start = next + 10;
+            let end = start + rdlen;
+            let rdata = m.get(start..end).ok_or(err("dns rdata truncated"))?;
+            pos = end;
+            // Another class, or a goodbye (TTL 0): nothing to learn.
+            if class != CLASS_IN || ttl == 0 {
+                continue;
+            }
+            match rtype {
+                TYPE_PTR if owner == service => {
+                    let (inst, after) = read_name(m, start)?;
+                    if after > end {
+                        return Err(err("dns PTR overruns its record"));
+                    }
+                    if !instances.contains(&inst) && instances.len() < MAX_INSTANCES {
+                        instances.push(inst);
+                    }
+                }
+                TYPE_SRV => {
+                    if rdlen < 7 {
+                        return Err(err("dns SRV"));
+                    }
+                    let port = u16_at(m, start + 4)?;
+                    let (target, after) = read_name(m, start + 6)?;
+                    if after > end {
+                        return Err(err("dns SRV overruns its record"));
+                    }
+                    srv.entry(owner).or_insert((port, target));
+                }
+                TYPE_TXT => {
+                    let mut kv = Vec::new();
+                    let mut i = 0;
+                    while i < rdata.len() && kv.len() < MAX_TXT_STRINGS {
+                        let n = rdata[i] as usize;
+                        let s = rdata.get(i + 1..i + 1 + n).ok_or(err("dns TXT"))?;
+                        i += 1 + n;
+                        let s = String::from_utf8_lossy(s);
+                        let (k, v) = s.split_once('=').unwrap_or((&s, ""));
+                        let k = k.to_ascii_lowercase();
+                        if !k.is_empty() && !kv.iter().any(|(kk, _)| *kk == k) {
+                            kv.push((k, v.to_string()));
+                        }
+                    }
+                    txt.entry(owner).or_insert(kv);
+                }
+                TYPE_A | TYPE_AAAA => {
+                    let ip = match rdata.len() {
+                        4 if rtype == TYPE_A => {
+                            IpAddr::V4(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]))
+                        }
+                        16 if rtype == TYPE_AAAA => {
+                            let b: [u8; 16] = rdata.try_into().map_err(|_| err("dns AAAA"))?;
+                            IpAddr::V6(Ipv6Addr::from(b))
+                        }
+                        _ => return Err(err("dns address length")),
+                    };
+                    let list = addrs.entry(owner).or_default();
+                    if !list.contains(&ip) && list.len() < MAX_HOST_ADDRS {
+                        list.push(ip);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(instances
+            .into_iter()
+            .filter_map(|inst| {
+                let (port, target) = srv.get(&inst)?;
+                let txt = txt.get(&inst)?.clone();
+                Some(ResolvedInstance {
+                    fullname: dotted(&inst),
+                    port: *port,
+                    txt,
+                    ips: addrs.get(target).cloned().unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use proptest::prelude::*;
+
+        const SVC: &str = "_qssh._udp.local.";
+
+        fn name(out: &mut Vec<u8>, dotted: &str) {
+            for l in dotted.trim_end_matches('.').split('.') {
+                out.push(l.len() as u8);
+                out.extend_from_slice(l.as_bytes());
+            }
+            out.push(0);
+        }
+
+        fn rr(out: &mut Vec<u8>, owner: &[u8], rtype: u16, ttl: u32, rdata: &[u8]) {
+            out.extend_from_slice(owner);
+            out.extend_from_slice(&rtype.to_be_bytes());
+            out.extend_from_slice(&0x8001u16.to_be_bytes()); // cache-flush + IN
+            out.extend_from_slice(&ttl.to_be_bytes());
+            out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            out.extend_from_slice(rdata);
+        }
+
+        /// A response as a responder would send it: question echoed, PTR answer, SRV, TXT
+        /// and A in additionals, with compression pointers.
+        fn response(id: u16) -> Vec<u8> {
+            let mut m = id.to_be_bytes().to_vec();
+            m.extend_from_slice(&[0x84, 0x00, 0, 1, 0, 1, 0, 0, 0, 3]);
+            let svc_at = m.len() as u16;
+            name(&mut m, SVC);
+            m.extend_from_slice(&[0, 12, 0, 1]);
+            let svc_ptr = (0xc000 | svc_at).to_be_bytes();
+            // PTR: owner = pointer to the service; rdata = "Alice" + pointer.
+            let mut inst = vec![5];
+            inst.extend_from_slice(b"Alice");
+            inst.extend_from_slice(&svc_ptr);
+            let inst_at = m.len() as u16 + 2 + 10;
+            rr(&mut m, &svc_ptr, TYPE_PTR, 4500, &inst);
+            let inst_ptr = (0xc000 | inst_at).to_be_bytes();
+            let mut host = Vec::new();
+            name(&mut host, "h1.local.");
+            let mut srv = vec![0, 0, 0, 0, 0x56, 0xce];
+            srv.extend_from_slice(&host);
+            rr(&mut m, &inst_ptr, TYPE_SRV, 120, &srv);
+            let mut t = Vec::new();
+            for s in ["id=abc", "port=22222", "ID=dup", "flag"] {
+                t.push(s.len() as u8);
+                t.extend_from_slice(s.as_bytes());
+            }
+            rr(&mut m, &inst_ptr, TYPE_TXT, 4500, &t);
+            rr(&mut m, &host, TYPE_A, 120, &[10, 0, 0, 1]);
+            m
+        }
+
+        #[test]
+        fn query_shape() {
+            let q = legacy_ptr_query(0x1234, SVC);
+            assert_eq!(&q[..12], &[0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(read_name(&q, 12).unwrap().0, labels_of(SVC));
+            assert_eq!(&q[q.len() - 4..], &[0, 12, 0, 1]);
+        }
+
+        #[test]
+        fn parses_a_compressed_answer() {
+            let got = parse_response(&response(7), 7, SVC).unwrap();
+            assert_eq!(
+                got,
+                vec![ResolvedInstance {
+                    fullname: "alice._qssh._udp.local.".into(),
+                    port: 22222,
+                    txt: vec![
+                        ("id".into(), "abc".into()),
+                        ("port".into(), "22222".into()),
+                        ("flag".into(), "".into())
+                    ],
+                    ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))],
+                }]
+            );
+            assert_eq!(got[0].get("ID").as_deref(), Some("abc"));
+        }
+
+        #[test]
+        fn rejects_wrong_id_queries_loops_and_truncation() {
+            let r = response(7);
+            assert_eq!(parse_response(&r, 8, SVC), Err(AnnounceError::Foreign));
+            let mut q = r.clone();
+            q[2] = 0; // a query, not an answer
+            assert!(parse_response(&q, 7, SVC).is_err());
+            for n in 0..r.len() {
+                assert!(parse_response(&r[..n], 7, SVC).is_err(), "prefix {n}");
+            }
+            // A pointer to itself, and a forward pointer.
+            let mut m = 7u16.to_be_bytes().to_vec();
+            m.extend_from_slice(&[0x84, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 12, 0, 1]);
+            assert!(parse_response(&m, 7, SVC).is_err());
+            let mut m = 7u16.to_be_bytes().to_vec();
+            m.extend_from_slice(&[0x84, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 20, 0, 12, 0, 1]);
+            assert!(parse_response(&m, 7, SVC).is_err());
+            // Counts beyond the limit.
+            let mut m = r.clone();
+            m[11] = 200;
+            assert!(parse_response(&m, 7, SVC).is_err());
+            assert!(matches!(
+                parse_response(&vec![0; MAX_MDNS_MESSAGE + 1], 0, SVC),
+                Err(AnnounceError::Oversized(_))
+            ));
+        }
+
+        #[test]
+        fn goodbyes_and_other_services_are_not_instances() {
+            let mut m = 7u16.to_be_bytes().to_vec();
+            m.extend_from_slice(&[0x84, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+            let mut owner = Vec::new();
+            name(&mut owner, "_other._udp.local.");
+            let mut inst = Vec::new();
+            name(&mut inst, "x._other._udp.local.");
+            rr(&mut m, &owner, TYPE_PTR, 100, &inst);
+            assert!(parse_response(&m, 7, SVC).unwrap().is_empty());
+        }
+
+        proptest! {
+            #[test]
+            fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let _ = parse_response(&bytes, u16::from_be_bytes([bytes.first().copied().unwrap_or(0), bytes.get(1).copied().unwrap_or(0)]), SVC);
+            }
+
+            #[test]
+            fn parser_never_panics_near_valid(i in any::<usize>(), b in any::<u8>(), cut in any::<usize>()) {
+                let mut r = response(9);
+                let i = i % r.len();
+                r[i] = b;
+                let cut = cut % (r.len() + 1);
+                let _ = parse_response(&r[..cut], 9, SVC);
+                let _ = parse_response(&r, 9, SVC);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sightings and the discovery table
 

@@ -17,7 +17,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -42,7 +42,12 @@ pub fn skip_or_fail(test: &str, why: &str) -> bool {
     if required() {
         panic!("{test}: {why}, and {REQUIRE_ENV}=1 requires this test to run");
     }
-    eprintln!("SKIPPED {test}: {why} (set {REQUIRE_ENV}=1 to make this a failure)");
+    // Straight to the stderr handle: unlike eprintln!, this is not captured by the test
+    // harness, so the skip is visible in a normal `cargo test` run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {why} (set {REQUIRE_ENV}=1 to make this a failure)"
+    );
     false
 }
 
