@@ -60,6 +60,8 @@ const _: () = assert!(QUERY_LEN <= MAX_DISCOVERY_DATAGRAM);
 
 /// Periodic announcements are sent this often (after the start-up burst) ...
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(5);
+/// ... and never more often than this, whatever an announcer is configured with.
+pub const MIN_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
 /// ... and right after start at these offsets, so a new listener is seen at once.
 pub const ANNOUNCE_STARTUP_BURST: [Duration; 3] = [
     Duration::ZERO,

@@ -21,8 +21,9 @@ use crate::core::announce::{
     Datagram, DiscoveredPeer, DiscoveryTable, ListenPort, Observed, Query, ResolveError, Sighting,
     SourceLimiter, TableStats, TokenBucket, Via, ANNOUNCE_INTERVAL, ANNOUNCE_STARTUP_BURST,
     DEFAULT_DISCOVER_TIMEOUT, DISCOVERY_MULTICAST_V6, DISCOVERY_PORT, MAX_DISCOVERY_DATAGRAM,
-    MDNS_SERVICE_TYPE, QUERY_SCHEDULE, REPLIES_PER_SEC, REPLIES_PER_SOURCE_PER_SEC, REPLY_BURST,
-    REPLY_BURST_PER_SOURCE, RX_BURST_PER_SOURCE, RX_PER_SOURCE_PER_SEC,
+    MDNS_SERVICE_TYPE, MIN_ANNOUNCE_INTERVAL, QUERY_SCHEDULE, REPLIES_PER_SEC,
+    REPLIES_PER_SOURCE_PER_SEC, REPLY_BURST, REPLY_BURST_PER_SOURCE, RX_BURST_PER_SOURCE,
+    RX_PER_SOURCE_PER_SEC,
 };
 use crate::core::crypto::{random_array, OsRandom};
 use crate::core::identity::PeerId;
@@ -82,7 +83,8 @@ pub struct AnnouncerConfig {
     pub mdns: bool,
     /// UDP port of the broadcast mechanism ([`DISCOVERY_PORT`]; tests may move it).
     pub discovery_port: u16,
-    /// Period of unsolicited announcements after the start-up burst.
+    /// Period of unsolicited announcements after the start-up burst (at least
+    /// [`MIN_ANNOUNCE_INTERVAL`]).
     pub interval: Duration,
 }
 
@@ -604,7 +606,8 @@ impl Announcer {
         let task = sockets.map(|sockets| {
             let counters = counters.clone();
             let template = template.clone();
-            let (port, interval) = (cfg.discovery_port, cfg.interval);
+            // Send-side rate limit: never more often than MIN_ANNOUNCE_INTERVAL.
+            let (port, interval) = (cfg.discovery_port, cfg.interval.max(MIN_ANNOUNCE_INTERVAL));
             tokio::spawn(async move {
                 run_announcer(sockets, template, port, interval, counters, stop_rx).await
             })
@@ -685,7 +688,7 @@ impl Drop for Announcer {
 fn jittered(interval: Duration) -> Duration {
     let tenth = interval / 10;
     let nanos = u64::try_from(tenth.as_nanos()).unwrap_or(u64::MAX).max(1);
-    interval - tenth + Duration::from_nanos(random_u64() % (2 * nanos))
+    interval - tenth + Duration::from_nanos(random_u64() % nanos.saturating_mul(2))
 }
 
 struct AnnouncerLoop {
