@@ -6,10 +6,9 @@
 //! received message is one stdout line `NAME (SHORTID): TEXT`; at stdin EOF a connector closes
 //! the session after everything it sent was delivered and exits 0.
 
-use super::dial::{dial, ConnectError, DialOptions};
+use super::dial::{dial, resolve_target, DialOptions};
 use super::router::{route, ChannelEvent, ChannelSender, Incoming};
 use super::store::Home;
-use super::target::Target;
 use crate::core::crypto::Secret32;
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::{Algorithm, Identity, PeerId};
@@ -222,7 +221,7 @@ pub struct ConnectOptions {
 /// `qssh connect`: chat with one peer.
 pub async fn connect(home: &Home, opts: ConnectOptions) -> Result<i32> {
     let identity = load_identity(home)?;
-    let target = Target::parse(&opts.target, opts.default_port).map_err(ConnectError::from)?;
+    let target = resolve_target(&opts.target, opts.default_port, identity.peer_id()).await?;
     let c = dial(
         home,
         identity,

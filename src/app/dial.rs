@@ -39,6 +39,59 @@ pub enum ConnectError {
     Session(CloseReason),
     #[error("{0}")]
     Trust(String),
+    #[error("{0}")]
+    Discovery(#[from] crate::core::announce::ResolveError),
+}
+
+/// How long `connect NAME` listens for announcements before choosing.
+pub const CONNECT_DISCOVERY_TIMEOUT: Duration = Duration::from_millis(1200);
+
+/// Turns what the user typed into a target: a bare word is looked up by LAN discovery first
+/// (exact peer ID, unique prefix of at least 8 characters, or unique name — the announced ID
+/// is then pinned); anything else, or a word nobody announces, is a host.
+pub async fn resolve_target(
+    s: &str,
+    default_port: u16,
+    own: crate::core::identity::PeerId,
+) -> Result<Target, ConnectError> {
+    use crate::core::announce::ResolveError;
+    use crate::net::discovery::{discover_until, DiscoverOptions};
+    if Target::may_be_discovered(s) {
+        let opts = DiscoverOptions {
+            timeout: CONNECT_DISCOVERY_TIMEOUT,
+            exclude: vec![own],
+            ..DiscoverOptions::default()
+        };
+        let exact = s.trim().parse::<crate::core::identity::PeerId>().ok();
+        // Only an exact ID may stop early: a clashing name can still arrive later.
+        let found = discover_until(&opts, |peers| {
+            exact.is_some_and(|id| peers.iter().any(|p| p.peer_id == id))
+        })
+        .await;
+        match found {
+            Ok(d) => match d.resolve(s) {
+                Ok(p) => {
+                    return Ok(Target {
+                        peer: Some(p.peer_id),
+                        host: p.name.clone(),
+                        port: p.addrs.first().map_or(default_port, |a| a.port()),
+                        addrs: p.addrs.clone(),
+                    })
+                }
+                Err(ResolveError::NotFound(_)) | Err(ResolveError::PrefixTooShort { .. }) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => tracing::debug!("discovery unavailable: {e}"),
+        }
+        if exact.is_some() {
+            return Err(ConnectError::Trust(format!(
+                "no peer with ID {} announced itself on this network: give its address as {}@HOST[:PORT]",
+                s.trim(),
+                s.trim()
+            )));
+        }
+    }
+    Ok(Target::parse(s, default_port)?)
 }
 
 pub struct DialOptions {
@@ -66,13 +119,17 @@ pub async fn dial(
     opts: DialOptions,
 ) -> Result<Connected, ConnectError> {
     let t = &opts.target;
-    let addrs: Vec<_> = tokio::net::lookup_host((t.host.as_str(), t.port))
-        .await
-        .map_err(|source| ConnectError::Resolve {
-            host: t.host.clone(),
-            source,
-        })?
-        .collect();
+    let addrs: Vec<_> = if t.addrs.is_empty() {
+        tokio::net::lookup_host((t.host.as_str(), t.port))
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                host: t.host.clone(),
+                source,
+            })?
+            .collect()
+    } else {
+        t.addrs.clone()
+    };
     let mut last = String::from("no addresses");
     let mut stream = None;
     for addr in &addrs {

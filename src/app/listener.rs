@@ -12,11 +12,13 @@ use super::chat::{
 use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
 use crate::core::admission::Admission;
+use crate::core::announce::ListenPort;
 use crate::core::crypto::{OsRandom, Secret32};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::handshake::HandshakeConfig;
 use crate::core::identity::PeerId;
 use crate::core::session::{Session, SessionConfig};
+use crate::net::discovery::{Announcer, AnnouncerConfig};
 use crate::net::tcp::spawn_session;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -35,6 +37,8 @@ pub struct ListenOptions {
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
+    /// Announce on the LAN (broadcast and mDNS) so `discover` and `connect NAME` find us.
+    pub announce: bool,
 }
 
 /// Which authenticated peers may open which channel kinds.
@@ -106,6 +110,23 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         identity.peer_id(),
         sanitize(&opts.name)
     );
+    // Announcing an address we do not listen on would only mislead: not for loopback binds.
+    let announcer = if opts.announce && !opts.bind.is_some_and(|ip| ip.is_loopback()) {
+        let cfg = AnnouncerConfig::new(
+            identity.peer_id(),
+            &opts.name,
+            vec![ListenPort::tcp(local.port())],
+        );
+        match Announcer::start(cfg).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                warn!("not announcing on the LAN: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut hs = HandshakeConfig::new(identity, &opts.name);
     hs.psk = opts.psk;
     let (console, mut input) = start_input();
@@ -170,6 +191,9 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    if let Some(a) = announcer {
+        a.stop().await;
+    }
     eprintln!("listener stopped");
     Ok(0)
 }

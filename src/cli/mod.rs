@@ -10,6 +10,7 @@ use crate::app::store::Home;
 use crate::core::crypto::Secret32;
 use crate::core::identity::Algorithm;
 use crate::core::limits::PSK_LEN;
+use crate::net::discovery::{discover, DiscoverOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 /// Default TCP port of a listener.
 pub const DEFAULT_PORT: u16 = 22222;
+/// Longest `discover --timeout`.
+pub const MAX_DISCOVER_SECS: f64 = 600.0;
 /// Exit status for connection and authentication failures (as ssh).
 pub const EXIT_CONNECT: i32 = 255;
 
@@ -65,8 +68,27 @@ pub enum Command {
         /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
         #[arg(long, value_name = "FILE")]
         psk_file: Option<PathBuf>,
+        /// Do not announce this listener on the LAN (broadcast and mDNS).
+        #[arg(long)]
+        no_announce: bool,
     },
-    /// Connect to a peer and chat: TARGET is host, host:port or PEERID@host:port.
+    /// List peers announcing themselves on the LAN (broadcast and mDNS).
+    Discover {
+        /// Seconds to listen.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only mDNS.
+        #[arg(long)]
+        no_broadcast: bool,
+        /// Only broadcast.
+        #[arg(long)]
+        no_mdns: bool,
+    },
+    /// Connect to a peer and chat. TARGET: host, host:port, PEERID@host:port, or a name,
+    /// peer ID or ID prefix (8+ characters) found by LAN discovery.
     Connect {
         target: String,
         /// Trust and remember a peer seen for the first time without asking.
@@ -230,6 +252,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             port,
             name,
             psk_file,
+            no_announce,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
@@ -241,6 +264,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     name: name.unwrap_or_else(default_name),
                     psk,
                     policy: Policy::default(),
+                    announce: !no_announce,
                 },
             )
             .await
@@ -265,6 +289,37 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 },
             )
             .await
+        }
+        Command::Discover {
+            timeout,
+            json,
+            no_broadcast,
+            no_mdns,
+        } => {
+            if !(0.0..=MAX_DISCOVER_SECS).contains(&timeout) {
+                bail!("--timeout must be between 0 and {MAX_DISCOVER_SECS} seconds");
+            }
+            let home = open_home(&cli.home)?;
+            let own = home.load_identity().ok().map(|i| i.peer_id());
+            let d = discover(&DiscoverOptions {
+                timeout: std::time::Duration::from_secs_f64(timeout),
+                broadcast: !no_broadcast,
+                mdns: !no_mdns,
+                exclude: own.into_iter().collect(),
+                ..DiscoverOptions::default()
+            })
+            .await
+            .context("discovery failed")?;
+            for p in &d.peers {
+                println!("{}", if json { p.to_json() } else { p.line() });
+            }
+            for c in &d.conflicts {
+                eprintln!("warning: {c}");
+            }
+            if d.peers.is_empty() {
+                eprintln!("no peers found");
+            }
+            Ok(0)
         }
         Command::Forget { target } => {
             let home = open_home(&cli.home)?;

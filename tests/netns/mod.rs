@@ -326,6 +326,13 @@ impl Proc {
             .unwrap_or_else(|| panic!("{}: no output within {timeout:?}", self.what))
     }
 
+    /// Writes one line to the process's stdin.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}").expect("write to process stdin");
+        stdin.flush().expect("flush process stdin");
+    }
+
     /// Closes stdin (the probes stop on EOF).
     pub fn close_stdin(&mut self) {
         self.stdin.take();
