@@ -126,6 +126,36 @@ fn discover_lists_every_listener_and_connect_by_name_chats_both_ways() {
     listeners[1].send_line("hello visitor");
     let got = wait_for(&mut conn, "hello visitor");
     assert!(got.starts_with("host1 ("), "{got}");
+
+    // /dial a second peer by name: typed lines now reach both; /peers lists both.
+    conn.send_line("/dial host2");
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        conn.send_line("/peers");
+        std::thread::sleep(Duration::from_millis(250));
+        while let Some(l) = conn.line(Duration::from_millis(10)) {
+            seen.push(l);
+        }
+        if seen
+            .iter()
+            .any(|l| l.starts_with("connected: host2") && l.contains(&ids[2]))
+        {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("connected: host1") && l.contains(&ids[1])),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("connected: host2") && l.contains(&ids[2])),
+        "{seen:?}"
+    );
+    conn.send_line("hello everyone");
+    wait_for(&mut listeners[1], "hello everyone");
+    wait_for(&mut listeners[2], "hello everyone");
     conn.close_stdin();
     let status = conn.wait(WAIT).expect("connector exits at stdin EOF");
     assert!(status.success());

@@ -97,6 +97,8 @@ pub async fn resolve_target(
 pub struct DialOptions {
     pub target: Target,
     pub accept_new: bool,
+    /// May ask the trust-on-first-use question on the terminal (not while a line editor runs).
+    pub ask: bool,
     pub name: String,
     pub psk: Option<Secret32>,
 }
@@ -104,12 +106,21 @@ pub struct DialOptions {
 /// An established session from the connecting side.
 pub struct Connected {
     pub handle: SessionHandle,
-    pub events: mpsc::UnboundedReceiver<Event>,
+    events: Option<mpsc::UnboundedReceiver<Event>>,
     pub peer: PublicIdentity,
     pub peer_name: String,
     pub addr: std::net::SocketAddr,
     pub handshake_time: Duration,
     pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Connected {
+    /// The session's remaining events (everything after Established). Taken once.
+    pub fn take_events(&mut self) -> mpsc::UnboundedReceiver<Event> {
+        self.events
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1)
+    }
 }
 
 /// Connects, authenticates and returns once the session is established.
@@ -169,7 +180,8 @@ pub async fn dial(
         match ev {
             Event::VerifyPeer { peer, name } => {
                 let t0 = Instant::now();
-                let decision = decide_trust(home, &host_port, &peer, &name, opts.accept_new).await;
+                let decision =
+                    decide_trust(home, &host_port, &peer, &name, opts.accept_new, opts.ask).await;
                 asked = t0.elapsed();
                 match decision {
                     Ok(()) => handle.accept_peer(true),
@@ -182,7 +194,7 @@ pub async fn dial(
             Event::Established { peer, name, .. } => {
                 return Ok(Connected {
                     handle,
-                    events,
+                    events: Some(events),
                     peer,
                     peer_name: name,
                     addr,
@@ -203,6 +215,7 @@ async fn decide_trust(
     peer: &PublicIdentity,
     name: &str,
     accept_new: bool,
+    ask: bool,
 ) -> Result<(), ConnectError> {
     let id = peer.peer_id();
     let status = home
@@ -228,7 +241,7 @@ async fn decide_trust(
         );
         return Ok(());
     }
-    if !std::io::stdin().is_terminal() {
+    if !ask || !std::io::stdin().is_terminal() {
         return Err(ConnectError::Trust(format!(
             "peer at {host_port} is unknown (ID {id}, fingerprint {}); refusing without a terminal to ask: pass --accept-new, or pin it as {id}@{host_port}",
             id.fingerprint()
@@ -242,7 +255,7 @@ async fn decide_trust(
         peer.algorithm().display_name(),
         id.fingerprint()
     );
-    let answer = tokio::task::spawn_blocking(move || ask(&question))
+    let answer = tokio::task::spawn_blocking(move || ask_terminal(&question))
         .await
         .unwrap_or(None);
     match answer.as_deref().map(str::trim) {
@@ -261,7 +274,7 @@ async fn decide_trust(
 }
 
 /// Asks on the controlling terminal (like ssh), falling back to stdin/stderr.
-fn ask(question: &str) -> Option<String> {
+fn ask_terminal(question: &str) -> Option<String> {
     let mut line = String::new();
     if let Ok(tty) = std::fs::OpenOptions::new()
         .read(true)

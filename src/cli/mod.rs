@@ -3,9 +3,8 @@
 //! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
 //! something to do. Connection and authentication failures exit with 255, as ssh does.
 
-use crate::app::chat::{self, ConnectOptions};
 use crate::app::keys::describe_identity;
-use crate::app::listener::{self, ListenOptions, Policy};
+use crate::app::listener::{self, ListenOn, ListenOptions, Policy};
 use crate::app::store::Home;
 use crate::core::crypto::Secret32;
 use crate::core::identity::Algorithm;
@@ -259,12 +258,17 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             listener::listen(
                 &home,
                 ListenOptions {
-                    bind,
-                    port,
+                    listen: Some(ListenOn {
+                        bind,
+                        port,
+                        announce: !no_announce,
+                    }),
+                    dial: None,
+                    default_port: DEFAULT_PORT,
+                    accept_new: false,
                     name: name.unwrap_or_else(default_name),
                     psk,
                     policy: Policy::default(),
-                    announce: !no_announce,
                 },
             )
             .await
@@ -278,14 +282,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
-            chat::connect(
+            listener::listen(
                 &home,
-                ConnectOptions {
-                    target,
+                ListenOptions {
+                    listen: None,
+                    dial: Some(target),
                     default_port: port.unwrap_or(DEFAULT_PORT),
                     accept_new,
                     name: name.unwrap_or_else(default_name),
                     psk,
+                    policy: Policy::default(),
                 },
             )
             .await
