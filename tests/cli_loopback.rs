@@ -89,7 +89,15 @@ fn wait_line(rx: &mpsc::Receiver<String>, what: impl Fn(&str) -> bool) -> String
 impl Listener {
     fn start(home: &Path, extra: &[&str]) -> Self {
         let mut child = qssh(home)
-            .args(["listen", "--bind", "127.0.0.1", "--port", "0", "--name", "lis"])
+            .args([
+                "listen",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--name",
+                "lis",
+            ])
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -196,7 +204,11 @@ fn chat_both_ways_through_pipes_and_clean_exits() {
     }
     drop(cin);
     let out = wait_output(conn);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for i in 0..50 {
         wait_line(&l.out, |s| s.ends_with(&format!(": line {i}")));
     }
@@ -212,7 +224,11 @@ fn listener_keeps_serving_after_its_stdin_ends() {
     let mut l = Listener::start(&lh, &[]);
     drop(l.stdin.take());
     let out = run(&ch, &["connect", &l.addr(), "--accept-new"], "after eof\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_line(&l.out, |s| s.ends_with(": after eof"));
     assert!(l.stop().status.success());
 }
@@ -231,12 +247,20 @@ fn trust_on_first_use_and_changed_key() {
     assert_eq!(err.lines().filter(|l| l.starts_with("qssh:")).count(), 1);
     // Accepted and remembered.
     let out = run(&ch, &["connect", &addr, "--accept-new"], "x\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let known = std::fs::read_to_string(ch.join("known_peers")).unwrap();
     assert!(known.contains(&peer_id(&lh)));
     // Known now: no flag needed.
     let out = run(&ch, &["connect", &addr], "x\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     l.stop();
     // The listener's key changes at the same address: refused loudly, even with --accept-new.
     let out = run(&lh, &["keygen", "--force"], "");
@@ -244,7 +268,14 @@ fn trust_on_first_use_and_changed_key() {
     let l = Listener::start(&lh, &[]);
     let addr2 = l.addr();
     // Same address (port may differ): record the new port with the old key to simulate it.
-    let old = known.lines().next().unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let old = known
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(ch.join("known_peers"))
@@ -265,7 +296,11 @@ fn pinned_peer_id_needs_no_question_and_refuses_others() {
     let l = Listener::start(&lh, &[]);
     let id = peer_id(&lh);
     let out = run(&ch, &["connect", &format!("{id}@{}", l.addr())], "pinned\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let wrong = peer_id(&other);
     let out = run(&ch, &["connect", &format!("{wrong}@{}", l.addr())], "x\n");
     assert_eq!(out.status.code(), Some(255));
@@ -280,7 +315,11 @@ fn connection_refused_is_exit_255_with_one_line() {
         let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().port()
     };
-    let out = run(&home(&d, "c"), &["connect", &format!("127.0.0.1:{port}")], "");
+    let out = run(
+        &home(&d, "c"),
+        &["connect", &format!("127.0.0.1:{port}")],
+        "",
+    );
     assert_eq!(out.status.code(), Some(255));
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<_> = err.lines().filter(|l| l.starts_with("qssh:")).collect();
@@ -350,7 +389,11 @@ fn identity_files_keygen_id_and_corruption() {
     assert_eq!(peer_id(&h), id);
     // SLH-DSA with --force.
     let out = run(&h, &["keygen", "--alg", "slh-dsa-sha2-128f", "--force"], "");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("SLH-DSA"));
     assert_ne!(peer_id(&h), id);
     // A corrupt identity is an error and is never replaced.
@@ -358,7 +401,10 @@ fn identity_files_keygen_id_and_corruption() {
     let out = run(&h, &["id"], "");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("identity"));
-    assert_eq!(std::fs::read(h.join("identity")).unwrap(), b"not an identity");
+    assert_eq!(
+        std::fs::read(h.join("identity")).unwrap(),
+        b"not an identity"
+    );
 }
 
 #[test]
@@ -370,8 +416,16 @@ fn slh_dsa_peers_chat() {
         assert!(out.status.success());
     }
     let l = Listener::start(&lh, &[]);
-    let out = run(&ch, &["connect", &l.addr(), "--accept-new"], "sphincs says hi\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &ch,
+        &["connect", &l.addr(), "--accept-new"],
+        "sphincs says hi\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_line(&l.out, |s| s.ends_with(": sphincs says hi"));
     l.stop();
 }
@@ -386,13 +440,37 @@ fn psk_file_must_match() {
     std::fs::write(&k1, "11".repeat(32)).unwrap();
     std::fs::write(&k2, [0x22u8; 32]).unwrap();
     let l = Listener::start(&lh, &["--psk-file", k1.to_str().unwrap()]);
-    let out = run(&ch, &["connect", &l.addr(), "--accept-new", "--psk-file", k2.to_str().unwrap()], "x\n");
+    let out = run(
+        &ch,
+        &[
+            "connect",
+            &l.addr(),
+            "--accept-new",
+            "--psk-file",
+            k2.to_str().unwrap(),
+        ],
+        "x\n",
+    );
     assert_eq!(out.status.code(), Some(255));
     assert!(String::from_utf8_lossy(&out.stderr).contains("pre-shared key"));
     let out = run(&ch, &["connect", &l.addr(), "--accept-new"], "x\n");
     assert_eq!(out.status.code(), Some(255));
     assert!(String::from_utf8_lossy(&out.stderr).contains("requires a pre-shared key"));
-    let out = run(&ch, &["connect", &l.addr(), "--accept-new", "--psk-file", k1.to_str().unwrap()], "ok\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &ch,
+        &[
+            "connect",
+            &l.addr(),
+            "--accept-new",
+            "--psk-file",
+            k1.to_str().unwrap(),
+        ],
+        "ok\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     l.stop();
 }

@@ -109,7 +109,11 @@ impl Pair {
         let ch = self.a.open_channel(self.now, kind, b"params").unwrap();
         self.run();
         let req = self.b_ev.drain(..).find_map(|e| match e {
-            Event::ChannelRequest { ch, kind: k, params } => {
+            Event::ChannelRequest {
+                ch,
+                kind: k,
+                params,
+            } => {
                 assert_eq!((k, params.as_slice()), (kind, &b"params"[..]));
                 Some(ch)
             }
@@ -118,7 +122,10 @@ impl Pair {
         assert_eq!(req, Some(ch));
         self.b.accept_channel(self.now, ch).unwrap();
         self.run();
-        assert!(self.a_ev.drain(..).any(|e| e == Event::ChannelAccepted { ch }));
+        assert!(self
+            .a_ev
+            .drain(..)
+            .any(|e| e == Event::ChannelAccepted { ch }));
         ch
     }
 }
@@ -169,7 +176,10 @@ fn handshake_then_many_messages_both_ways_with_both_ratchet_kinds() {
     assert_eq!(data_of(&mut p.a_ev, ch), expect_a);
     let (ra, rb) = (p.a.ratchet_stats().unwrap(), p.b.ratchet_stats().unwrap());
     assert!(ra.dh_steps >= 30 && rb.dh_steps >= 30, "{ra:?} {rb:?}");
-    assert!(ra.pq_steps_completed >= 2 && rb.pq_steps_completed >= 2, "{ra:?} {rb:?}");
+    assert!(
+        ra.pq_steps_completed >= 2 && rb.pq_steps_completed >= 2,
+        "{ra:?} {rb:?}"
+    );
     assert_eq!(p.a.session_id(), p.b.session_id());
 }
 
@@ -239,7 +249,9 @@ fn psk_mismatch_fails_and_match_succeeds() {
     // A listener without a PSK tells the connector why, in an alert.
     let mut p = Pair::new(ci, cfg(&ib, "b"), Some(ib.peer_id()));
     p.run();
-    assert!(matches!(closed_reason(&p.a_ev), Some(CloseReason::PeerAlert(m)) if m.contains("pre-shared")));
+    assert!(
+        matches!(closed_reason(&p.a_ev), Some(CloseReason::PeerAlert(m)) if m.contains("pre-shared"))
+    );
 }
 
 #[test]
@@ -248,7 +260,10 @@ fn flow_control_window_bounds_what_the_peer_must_buffer() {
     let ch = p.open(ChannelKind::Exec);
     let big = vec![0x5a; 3 * CHANNEL_WINDOW as usize];
     let n = p.a.send(p.now, ch, &big).unwrap();
-    assert_eq!(n, CHANNEL_WINDOW as usize, "only one window may be in flight");
+    assert_eq!(
+        n, CHANNEL_WINDOW as usize,
+        "only one window may be in flight"
+    );
     p.run();
     assert_eq!(data_of(&mut p.b_ev, ch).len(), CHANNEL_WINDOW as usize);
     assert_eq!(p.a.send(p.now, ch, &big[n..]).unwrap(), 0);
@@ -281,7 +296,10 @@ fn channel_refusal_reaches_the_opener() {
     let mut p = Pair::established();
     let ch = p.a.open_channel(p.now, ChannelKind::Shell, b"").unwrap();
     p.run();
-    assert!(p.b_ev.iter().any(|e| matches!(e, Event::ChannelRequest { .. })));
+    assert!(p
+        .b_ev
+        .iter()
+        .any(|e| matches!(e, Event::ChannelRequest { .. })));
     p.b_ev.clear();
     p.b.reject_channel(p.now, ch, CloseCode::Refused, "not authorized")
         .unwrap();
@@ -343,7 +361,10 @@ fn application_data_before_key_confirmation_is_refused() {
     let ch = p.a.open_channel(p.now, ChannelKind::Chat, b"").unwrap();
     let _ = ch;
     let data = p.a.poll_transmit(p.now).unwrap();
-    assert_eq!((fin[4], data[4]), (record_type::FINISH, record_type::RATCHET));
+    assert_eq!(
+        (fin[4], data[4]),
+        (record_type::FINISH, record_type::RATCHET)
+    );
     p.b.handle_input(p.now, &data);
     let mut reason = None;
     while let Some(e) = p.b.poll_event() {
@@ -351,7 +372,9 @@ fn application_data_before_key_confirmation_is_refused() {
             reason = Some(r);
         }
     }
-    assert!(matches!(reason, Some(CloseReason::Protocol(m)) if m.contains("before key confirmation")));
+    assert!(
+        matches!(reason, Some(CloseReason::Protocol(m)) if m.contains("before key confirmation"))
+    );
 }
 
 #[test]
@@ -359,7 +382,9 @@ fn oversized_length_prefix_closes_at_once() {
     let mut p = Pair::established();
     p.b.handle_input(p.now, &[0xff, 0xff, 0xff, 0xff, 4]);
     p.run();
-    assert!(matches!(closed_reason(&p.b_ev), Some(CloseReason::Protocol(m)) if m.contains("out of range")));
+    assert!(
+        matches!(closed_reason(&p.b_ev), Some(CloseReason::Protocol(m)) if m.contains("out of range"))
+    );
     assert!(p.b.is_closed());
 }
 
@@ -388,7 +413,10 @@ fn every_flipped_byte_of_a_record_is_rejected() {
             "byte {i}: tampered record delivered"
         );
         if i >= 4 {
-            assert!(closed_reason(&evs).is_some(), "byte {i}: tampering not detected");
+            assert!(
+                closed_reason(&evs).is_some(),
+                "byte {i}: tampering not detected"
+            );
         }
     }
 }

@@ -18,8 +18,14 @@ use tokio::sync::mpsc::UnboundedReceiver;
 const CONVERSATION: &[(&str, &str)] = &[
     ("alice", "hello bob, is this channel quantum-safe?"),
     ("bob", "yes: X25519 + ML-KEM-768, signed with Falcon-512"),
-    ("alice", "and if someone records this and waits for a quantum computer?"),
-    ("bob", "ML-KEM keeps the handshake secret, and the ratchet re-keys with ML-KEM too"),
+    (
+        "alice",
+        "and if someone records this and waits for a quantum computer?",
+    ),
+    (
+        "bob",
+        "ML-KEM keeps the handshake secret, and the ratchet re-keys with ML-KEM too",
+    ),
     ("alice", "forward secrecy per message, then"),
     ("bob", "and every direction change is a fresh DH step"),
 ];
@@ -51,7 +57,10 @@ pub async fn run() -> Result<i32> {
     let t = Instant::now();
     let alice = Arc::new(Identity::generate(Algorithm::Falcon512, &mut OsRandom));
     let bob = Arc::new(Identity::generate(Algorithm::Falcon512, &mut OsRandom));
-    println!("1. identities (Falcon-512 key generation, {} ms for both)", t.elapsed().as_millis());
+    println!(
+        "1. identities (Falcon-512 key generation, {} ms for both)",
+        t.elapsed().as_millis()
+    );
     println!("   alice  {}", alice.peer_id());
     println!("   bob    {}\n", bob.peer_id());
 
@@ -98,11 +107,15 @@ pub async fn run() -> Result<i32> {
         _ => None,
     })
     .await?;
+    println!("   handshake done in {hs_ms:.2} ms (one round trip + key confirmation)");
     println!(
-        "   handshake done in {hs_ms:.2} ms (one round trip + key confirmation)"
+        "   alice verified bob's signature: {}",
+        peer.peer_id() == bob.peer_id()
     );
-    println!("   alice verified bob's signature: {}", peer.peer_id() == bob.peer_id());
-    println!("   bob verified alice's signature: {}", bob_saw == alice.peer_id());
+    println!(
+        "   bob verified alice's signature: {}",
+        bob_saw == alice.peer_id()
+    );
     println!("   session id {}\n", hex(&sid[..8]));
 
     println!("3. chat over the ratchet (each message its own AES-256-GCM key)");
@@ -113,9 +126,27 @@ pub async fn run() -> Result<i32> {
     })
     .await?;
     bh.accept_channel(bch);
-    wait_for(&mut aev, |e| matches!(e, Event::ChannelAccepted { .. }).then_some(())).await?;
-    for (who, text) in CONVERSATION {
-        let (tx, txch, rx): (&SessionHandle, u32, &mut UnboundedReceiver<Event>) = if *who == "alice" {
+    wait_for(&mut aev, |e| {
+        matches!(e, Event::ChannelAccepted { .. }).then_some(())
+    })
+    .await?;
+    // A pause longer than DH_RATCHET_MIN_INTERVAL between turns, so every turn steps the DH
+    // ratchet (faster exchanges share a chain: that is the rate limit at work).
+    let turn_gap = crate::core::limits::DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
+    let extra: Vec<(&str, String)> = (0..2 * crate::core::limits::PQ_RATCHET_EVERY_STEPS + 2)
+        .map(|i| {
+            let who = if i % 2 == 0 { "alice" } else { "bob" };
+            (who, format!("turn {i}"))
+        })
+        .collect();
+    let script = CONVERSATION
+        .iter()
+        .map(|(w, t)| (*w, t.to_string(), true))
+        .chain(extra.into_iter().map(|(w, t)| (w, t, false)));
+    for (who, text, show) in script {
+        tokio::time::sleep(turn_gap).await;
+        let (tx, txch, rx): (&SessionHandle, u32, &mut UnboundedReceiver<Event>) = if who == "alice"
+        {
             (&ah, ach, &mut bev)
         } else {
             (&bh, bch, &mut aev)
@@ -126,7 +157,19 @@ pub async fn run() -> Result<i32> {
             _ => None,
         })
         .await?;
-        println!("   {who:>5}: {got}");
+        if show {
+            println!("   {who:>5}: {got}");
+        }
+    }
+    println!(
+        "   ... and {} more short turns",
+        2 * crate::core::limits::PQ_RATCHET_EVERY_STEPS + 2
+    );
+    if let Some((st, Some(r))) = ah.stats().await {
+        println!(
+            "\n   alice sent {} records ({} bytes); her ratchet made {} X25519 steps, saw {} of bob's,\n   and completed {} ML-KEM-768 steps (a fresh post-quantum secret in the root key each time)",
+            st.records_sent, st.bytes_sent, r.dh_steps, r.peer_dh_steps, r.pq_steps_completed
+        );
     }
     ah.close(CloseCode::Normal, "demo over");
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

@@ -5,5 +5,7 @@ pub mod chat;
 pub mod demo;
 pub mod dial;
 pub mod keys;
+pub mod listener;
+pub mod router;
 pub mod store;
 pub mod target;

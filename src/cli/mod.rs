@@ -3,12 +3,13 @@
 //! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
 //! something to do. Connection and authentication failures exit with 255, as ssh does.
 
-use crate::app::chat::{self, ConnectOptions, ListenOptions};
 use crate::app::keys::describe_identity;
+use crate::app::listener::{self, ListenOn, ListenOptions, Policy};
 use crate::app::store::Home;
+use crate::core::crypto::Secret32;
 use crate::core::identity::Algorithm;
 use crate::core::limits::PSK_LEN;
-use crate::core::crypto::Secret32;
+use crate::net::discovery::{discover, DiscoverOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 /// Default TCP port of a listener.
 pub const DEFAULT_PORT: u16 = 22222;
+/// Longest `discover --timeout`.
+pub const MAX_DISCOVER_SECS: f64 = 600.0;
 /// Exit status for connection and authentication failures (as ssh).
 pub const EXIT_CONNECT: i32 = 255;
 
@@ -64,8 +67,27 @@ pub enum Command {
         /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
         #[arg(long, value_name = "FILE")]
         psk_file: Option<PathBuf>,
+        /// Do not announce this listener on the LAN (broadcast and mDNS).
+        #[arg(long)]
+        no_announce: bool,
     },
-    /// Connect to a peer and chat: TARGET is host, host:port or PEERID@host:port.
+    /// List peers announcing themselves on the LAN (broadcast and mDNS).
+    Discover {
+        /// Seconds to listen.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only mDNS.
+        #[arg(long)]
+        no_broadcast: bool,
+        /// Only broadcast.
+        #[arg(long)]
+        no_mdns: bool,
+    },
+    /// Connect to a peer and chat. TARGET: host, host:port, PEERID@host:port, or a name,
+    /// peer ID or ID prefix (8+ characters) found by LAN discovery.
     Connect {
         target: String,
         /// Trust and remember a peer seen for the first time without asking.
@@ -175,7 +197,11 @@ pub fn read_psk(path: &Path) -> Result<Secret32> {
         key.copy_from_slice(&data);
         return Ok(Secret32::from_bytes(key));
     }
-    let hex: Vec<u8> = data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    let hex: Vec<u8> = data
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     if hex.len() != 2 * PSK_LEN {
         bail!(
             "PSK file {} must hold exactly {PSK_LEN} bytes or {} hex digits (try: head -c 32 /dev/urandom > FILE)",
@@ -225,16 +251,24 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             port,
             name,
             psk_file,
+            no_announce,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
-            chat::listen(
+            listener::listen(
                 &home,
                 ListenOptions {
-                    bind,
-                    port,
+                    listen: Some(ListenOn {
+                        bind,
+                        port,
+                        announce: !no_announce,
+                    }),
+                    dial: None,
+                    default_port: DEFAULT_PORT,
+                    accept_new: false,
                     name: name.unwrap_or_else(default_name),
                     psk,
+                    policy: Policy::default(),
                 },
             )
             .await
@@ -248,17 +282,50 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
-            chat::connect(
+            listener::listen(
                 &home,
-                ConnectOptions {
-                    target,
+                ListenOptions {
+                    listen: None,
+                    dial: Some(target),
                     default_port: port.unwrap_or(DEFAULT_PORT),
                     accept_new,
                     name: name.unwrap_or_else(default_name),
                     psk,
+                    policy: Policy::default(),
                 },
             )
             .await
+        }
+        Command::Discover {
+            timeout,
+            json,
+            no_broadcast,
+            no_mdns,
+        } => {
+            if !(0.0..=MAX_DISCOVER_SECS).contains(&timeout) {
+                bail!("--timeout must be between 0 and {MAX_DISCOVER_SECS} seconds");
+            }
+            let home = open_home(&cli.home)?;
+            let own = home.load_identity().ok().map(|i| i.peer_id());
+            let d = discover(&DiscoverOptions {
+                timeout: std::time::Duration::from_secs_f64(timeout),
+                broadcast: !no_broadcast,
+                mdns: !no_mdns,
+                exclude: own.into_iter().collect(),
+                ..DiscoverOptions::default()
+            })
+            .await
+            .context("discovery failed")?;
+            for p in &d.peers {
+                println!("{}", if json { p.to_json() } else { p.line() });
+            }
+            for c in &d.conflicts {
+                eprintln!("warning: {c}");
+            }
+            if d.peers.is_empty() {
+                eprintln!("no peers found");
+            }
+            Ok(0)
         }
         Command::Forget { target } => {
             let home = open_home(&cli.home)?;
@@ -267,7 +334,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 eprintln!("{target} is not in {}", home.known_peers_path().display());
                 return Ok(1);
             }
-            eprintln!("removed {n} entr{} for {target} from {}", if n == 1 { "y" } else { "ies" }, home.known_peers_path().display());
+            eprintln!(
+                "removed {n} entr{} for {target} from {}",
+                if n == 1 { "y" } else { "ies" },
+                home.known_peers_path().display()
+            );
             Ok(0)
         }
         Command::Demo => crate::app::demo::run().await,

@@ -75,12 +75,20 @@ impl Admission {
             });
             if self.buckets.len() >= MAX_TRACKED_ADDRESSES {
                 // Forget the address seen longest ago.
-                if let Some(oldest) = self.buckets.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| *k) {
+                if let Some(oldest) = self
+                    .buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.at)
+                    .map(|(k, _)| *k)
+                {
                     self.buckets.remove(&oldest);
                 }
             }
         }
-        let b = self.buckets.entry(ip).or_insert(Bucket { tokens: burst, at: now });
+        let b = self.buckets.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
         b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(burst);
         b.at = now;
         if b.tokens < 1.0 {
@@ -144,7 +152,8 @@ mod tests {
         let mut a = Admission::default();
         let t0 = Instant::now();
         for i in 0..MAX_CONCURRENT_HANDSHAKES {
-            a.admit(t0, IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8])).unwrap();
+            a.admit(t0, IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]))
+                .unwrap();
         }
         assert_eq!(
             a.admit(t0, "10.9.9.9".parse().unwrap()),
@@ -178,7 +187,10 @@ mod tests {
             a.admit(t0, ip).unwrap();
             a.handshake_done(false).unwrap();
         }
-        assert_eq!(a.admit(t0, "2001:db8::ffff".parse().unwrap()), Err(Refusal::RateLimited));
+        assert_eq!(
+            a.admit(t0, "2001:db8::ffff".parse().unwrap()),
+            Err(Refusal::RateLimited)
+        );
         a.admit(t0, "2001:db8:0:1::1".parse().unwrap()).unwrap();
     }
 }

@@ -23,7 +23,7 @@
 //! - Nonce (12 bytes): `00 00 00 00 || counter (u64 big-endian)`. The epoch is not in the
 //!   nonce: each key belongs to exactly one (direction, receiver_session, epoch) and is
 //!   derived from a fresh random secret, and within an epoch a sender never repeats or wraps
-//!   a counter (it hard-stops at DATAGRAM_MAX_PACKETS = 2^60), so no (key, nonce) pair ever
+//!   a counter (it hard-stops at DATAGRAM_MAX_PACKETS = 2^32, well inside AES-GCM's per-key limits), so no (key, nonce) pair ever
 //!   repeats.
 //! - Key: `HKDF-Expand(PRK = epoch_secret, info = "qssh v1 datagram epoch" || direction (u8)
 //!   || receiver_session (u32 BE) || epoch (u32 BE), L = 32)`, where `epoch_secret` is the

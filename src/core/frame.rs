@@ -298,7 +298,10 @@ mod tests {
             Frame::decode_all(&buf),
             Err(DecodeError::TooLong(MAX_FRAME_DATA + 1, MAX_FRAME_DATA))
         );
-        assert_eq!(Frame::decode_all(&[0xee]), Err(DecodeError::Invalid("frame type")));
+        assert_eq!(
+            Frame::decode_all(&[0xee]),
+            Err(DecodeError::Invalid("frame type"))
+        );
     }
 
     proptest! {

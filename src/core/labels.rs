@@ -37,9 +37,9 @@ pub const RATCHET_ROOT_STEP: &[u8] = b"qssh v1 ratchet step";
 pub const RATCHET_STEP_CHAIN: &[u8] = b"qssh v1 ratchet chain key";
 /// Session identifier exported to the application (channel binding, logs).
 pub const SESSION_ID: &[u8] = b"qssh v1 session id";
-/// Message-key derivation from a chain key (HMAC input byte follows the label).
+/// Message-key derivation from a chain key: mk = HMAC(ck, label).
 pub const CHAIN_MESSAGE_KEY: &[u8] = b"qssh v1 chain message key";
-/// Next chain key derivation from a chain key.
+/// Next chain key derivation from a chain key: ck' = HMAC(ck, label).
 pub const CHAIN_NEXT: &[u8] = b"qssh v1 chain next";
 /// Datagram epoch key expansion (direction and epoch follow).
 pub const DATAGRAM_EPOCH: &[u8] = b"qssh v1 datagram epoch";

@@ -44,9 +44,9 @@ pub const DATAGRAM_REKEY_INTERVAL: Duration = Duration::from_secs(120);
 /// Receivers keep the previous epoch key this long after the first authenticated datagram of
 /// the next epoch, so packets in flight across a rotation still open.
 pub const DATAGRAM_EPOCH_GRACE: Duration = Duration::from_secs(10);
-/// Hard stop: a sender never seals more than this many datagrams under one epoch key (counters
+/// Hard stop per datagram epoch key (AES-GCM confidentiality bound; the counter runs in
 /// `0 .. DATAGRAM_MAX_PACKETS`); it must have rotated long before (at DATAGRAM_REKEY_PACKETS).
-pub const DATAGRAM_MAX_PACKETS: u64 = 1 << 60;
+pub const DATAGRAM_MAX_PACKETS: u64 = 1 << 32;
 /// Hard stop: a sender never seals under an epoch key older than this (counted from its
 /// creation), so a rotation that never completes cannot keep a key in use indefinitely.
 /// Receivers drop an epoch key this long plus DATAGRAM_EPOCH_GRACE after installing it.

@@ -22,8 +22,7 @@ use super::handshake::{
 use super::identity::{PeerId, PublicIdentity};
 use super::limits::{
     CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_CHANNELS,
-    MAX_CHANNEL_PARAMS, MAX_FRAME_DATA, MAX_QUEUED_RECORDS, MAX_RECORD_BODY,
-    MAX_RECORD_PLAINTEXT,
+    MAX_CHANNEL_PARAMS, MAX_FRAME_DATA, MAX_QUEUED_RECORDS, MAX_RECORD_BODY, MAX_RECORD_PLAINTEXT,
 };
 use super::ratchet::{Ratchet, RatchetError, RatchetInit};
 use std::collections::{HashMap, VecDeque};
@@ -84,7 +83,10 @@ impl From<DecodeError> for CloseReason {
 pub enum Event {
     /// Initiator without a pinned peer ID: the responder proved this identity. Call
     /// [`Session::accept_peer`] (after known_peers or a trust-on-first-use question).
-    VerifyPeer { peer: PublicIdentity, name: String },
+    VerifyPeer {
+        peer: PublicIdentity,
+        name: String,
+    },
     /// Both sides are authenticated and confirmed; channels can be used.
     Established {
         peer: PublicIdentity,
@@ -97,26 +99,40 @@ pub enum Event {
         kind: ChannelKind,
         params: Vec<u8>,
     },
-    ChannelAccepted { ch: u32 },
+    ChannelAccepted {
+        ch: u32,
+    },
     ChannelRefused {
         ch: u32,
         code: CloseCode,
         reason: String,
     },
-    Data { ch: u32, data: Vec<u8> },
-    Eof { ch: u32 },
+    Data {
+        ch: u32,
+        data: Vec<u8>,
+    },
+    Eof {
+        ch: u32,
+    },
     ChannelClosed {
         ch: u32,
         code: CloseCode,
         reason: String,
     },
     /// The peer announced a new datagram epoch secret for its sending direction.
-    DatagramEpoch { epoch: u32, secret: [u8; 32] },
+    DatagramEpoch {
+        epoch: u32,
+        secret: [u8; 32],
+    },
     /// A ping we sent came back.
-    Pong { rtt: std::time::Duration },
+    Pong {
+        rtt: std::time::Duration,
+    },
     /// The session is over; nothing more will be accepted. Remaining transmits (a close
     /// acknowledgement) should still be flushed.
-    Closed { reason: CloseReason },
+    Closed {
+        reason: CloseReason,
+    },
 }
 
 /// Errors returned to the application's own calls.
@@ -247,7 +263,11 @@ fn push_record(out: &mut VecDeque<Vec<u8>>, ty: u8, body: &[u8]) {
 
 impl Session {
     /// Starts a session as the initiator; INIT is queued for transmission at once.
-    pub fn initiator(cfg: SessionConfig, now: Instant, mut rng: Box<dyn SecureRandom + Send>) -> Self {
+    pub fn initiator(
+        cfg: SessionConfig,
+        now: Instant,
+        mut rng: Box<dyn SecureRandom + Send>,
+    ) -> Self {
         let (st, init) = handshake::initiate(&mut *rng, cfg.handshake);
         let mut s = Session::new(State::InitSent(st), rng, cfg.expected_peer, now);
         push_record(&mut s.transmit, record_type::INIT, &init);
@@ -359,7 +379,7 @@ impl Session {
     }
 
     /// The link reached end of stream.
-    pub fn handle_eof(&mut self, now: Instant) {
+    pub fn handle_eof(&mut self) {
         if !self.is_closed() {
             let close_sent = matches!(&self.state, State::Established(e) if e.close_sent);
             let reason = if close_sent {
@@ -369,7 +389,6 @@ impl Session {
             };
             self.state = State::Closed;
             self.events.push_back(Event::Closed { reason });
-            let _ = now;
         }
     }
 
@@ -397,7 +416,9 @@ impl Session {
         let mut body = Vec::new();
         let text = e.to_string();
         let text = &text.as_bytes()[..text.len().min(MAX_ALERT_REASON)];
-        Writer::new(&mut body).u8(CloseCode::Refused as u8).vec16(text);
+        Writer::new(&mut body)
+            .u8(CloseCode::Refused as u8)
+            .vec16(text);
         push_record(&mut self.transmit, record_type::ALERT, &body);
         CloseReason::Handshake(e)
     }
@@ -554,7 +575,9 @@ impl Session {
                 params,
             } => {
                 if ch % 2 == u32::from(!e.initiator) {
-                    return Err(CloseReason::Protocol(format!("peer opened channel {ch} with our parity")));
+                    return Err(CloseReason::Protocol(format!(
+                        "peer opened channel {ch} with our parity"
+                    )));
                 }
                 if e.channels.contains_key(&ch) {
                     return Err(CloseReason::Protocol(format!("channel {ch} opened twice")));
@@ -568,7 +591,11 @@ impl Session {
                     .encode(f)
                 };
                 let Some(kind) = ChannelKind::from_u8(kind) else {
-                    refuse(CloseCode::Unsupported, "unknown channel type", &mut self.pending);
+                    refuse(
+                        CloseCode::Unsupported,
+                        "unknown channel type",
+                        &mut self.pending,
+                    );
                     return Ok(());
                 };
                 if e.channels.len() >= MAX_CHANNELS {
@@ -597,7 +624,9 @@ impl Session {
             Frame::OpenOk { ch, window } => {
                 let c = chan(e, ch)?;
                 if c.state != ChanState::Opening {
-                    return Err(CloseReason::Protocol(format!("OPEN_OK for channel {ch} we did not open")));
+                    return Err(CloseReason::Protocol(format!(
+                        "OPEN_OK for channel {ch} we did not open"
+                    )));
                 }
                 c.state = ChanState::Open;
                 c.send_window = u64::from(window);
@@ -606,7 +635,9 @@ impl Session {
             Frame::OpenFail { ch, code, reason } => {
                 let c = chan(e, ch)?;
                 if c.state != ChanState::Opening {
-                    return Err(CloseReason::Protocol(format!("OPEN_FAIL for channel {ch} we did not open")));
+                    return Err(CloseReason::Protocol(format!(
+                        "OPEN_FAIL for channel {ch} we did not open"
+                    )));
                 }
                 e.channels.remove(&ch);
                 self.events.push_back(Event::ChannelRefused {
@@ -618,10 +649,14 @@ impl Session {
             Frame::Data { ch, data } => {
                 let c = chan(e, ch)?;
                 if c.state != ChanState::Open || c.recv_eof {
-                    return Err(CloseReason::Protocol(format!("data on channel {ch} that is not open")));
+                    return Err(CloseReason::Protocol(format!(
+                        "data on channel {ch} that is not open"
+                    )));
                 }
                 if data.len() as u64 > c.recv_window {
-                    return Err(CloseReason::Protocol(format!("channel {ch} window exceeded")));
+                    return Err(CloseReason::Protocol(format!(
+                        "channel {ch} window exceeded"
+                    )));
                 }
                 c.recv_window -= data.len() as u64;
                 c.unacked += data.len() as u64;
@@ -636,7 +671,9 @@ impl Session {
                 let c = chan(e, ch)?;
                 c.send_window = c.send_window.saturating_add(u64::from(increment));
                 if c.send_window > u64::from(u32::MAX) {
-                    return Err(CloseReason::Protocol(format!("channel {ch} window overflow")));
+                    return Err(CloseReason::Protocol(format!(
+                        "channel {ch} window overflow"
+                    )));
                 }
             }
             Frame::Eof { ch } => {
@@ -702,7 +739,8 @@ impl Session {
                 self.peer_closed = true;
             }
             Frame::DatagramEpoch { epoch, secret } => {
-                self.events.push_back(Event::DatagramEpoch { epoch, secret });
+                self.events
+                    .push_back(Event::DatagramEpoch { epoch, secret });
             }
         }
         Ok(())
@@ -840,7 +878,9 @@ impl Session {
         if c.state != ChanState::Open {
             return Ok(0);
         }
-        let n = data.len().min(c.send_window.min(usize::MAX as u64) as usize);
+        let n = data
+            .len()
+            .min(c.send_window.min(usize::MAX as u64) as usize);
         c.send_window -= n as u64;
         for chunk in data[..n].chunks(MAX_FRAME_DATA) {
             self.queue_frame(now, Frame::Data { ch, data: chunk });
@@ -850,7 +890,12 @@ impl Session {
 
     /// Sends one whole message on a message channel (chat); fails if it does not fit the
     /// window or a frame, rather than splitting it.
-    pub fn send_message(&mut self, now: Instant, ch: u32, msg: &[u8]) -> Result<bool, SessionError> {
+    pub fn send_message(
+        &mut self,
+        now: Instant,
+        ch: u32,
+        msg: &[u8],
+    ) -> Result<bool, SessionError> {
         if msg.len() > MAX_FRAME_DATA {
             return Err(SessionError::TooLong(msg.len()));
         }
@@ -1017,7 +1062,8 @@ impl Session {
         match &self.state {
             State::Closed => None,
             State::Established(e) => {
-                let mut t = (self.last_received + IDLE_TIMEOUT).min(self.last_sent + KEEPALIVE_INTERVAL);
+                let mut t =
+                    (self.last_received + IDLE_TIMEOUT).min(self.last_sent + KEEPALIVE_INTERVAL);
                 if let Some(r) = e.ratchet.poll_timeout() {
                     t = t.min(r);
                 }
