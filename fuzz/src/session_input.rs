@@ -305,7 +305,7 @@ fn script(data: &[u8]) -> Outcome {
                 last = Some(rec);
             }
             _ => {
-                d.s.handle_eof(d.now);
+                d.s.handle_eof();
                 d.pump(Some(&mut peer));
                 break;
             }
