@@ -27,7 +27,7 @@ step "cargo test (unit, property, loopback, namespaces)"
 cargo test --locked --lib --bins --tests --examples -- --test-threads=2
 
 step "benchmarks, once each in test mode"
-cargo test --locked --benches
+cargo test --locked --bench core --bench datagram
 
 step "fuzz smoke run"
 bash fuzz/smoke.sh
