@@ -9,7 +9,10 @@ use super::chat::{
     format_message, load_identity, parse_line, sanitize, send_line, start_input, Command, Console,
     Input, LineBuffer, HELP,
 };
-use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
+use super::exec::{self, Requester};
+use super::forward;
+pub use super::policy::Policy;
+use super::router::{route, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
 use crate::core::admission::Admission;
 use crate::core::crypto::{OsRandom, Secret32};
@@ -35,24 +38,6 @@ pub struct ListenOptions {
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
-}
-
-/// Which authenticated peers may open which channel kinds.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    /// Listener switches: off for everyone.
-    pub no_shell: bool,
-    pub no_forward: bool,
-}
-
-impl Policy {
-    /// `Ok` if `peer` may open a channel of `kind`; otherwise the reason the peer is told.
-    pub fn authorize(&self, _peer: &PeerId, kind: ChannelKind) -> Result<(), String> {
-        match kind {
-            ChannelKind::Chat => Ok(()),
-            _ => Err(format!("{kind:?} is not offered by this listener")),
-        }
-    }
 }
 
 /// A connected peer.
@@ -193,6 +178,9 @@ async fn serve_peer(
     session: Session,
     shared: Arc<Shared>,
 ) {
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (handle, events, task) = spawn_session(stream, session);
     let (router, mut incoming) = route(handle, events);
     let mut who: Option<(PeerId, String)> = None;
@@ -233,19 +221,28 @@ async fn serve_peer(
                 };
                 if let Err(why) = shared.policy.authorize(&peer, kind) {
                     warn!(peer = %peer, %addr, "refused {kind:?} channel: {why}");
-                    router.reject(ch, CloseCode::Refused, &why);
+                    router.reject(ch, CloseCode::Refused, &why.to_string());
                     continue;
                 }
-                let channel = router.accept(ch, kind);
                 match kind {
                     ChannelKind::Chat => {
-                        let (tx, rx) = channel.split();
+                        let (tx, rx) = router.accept(ch, kind).split();
                         if let Some(m) = shared.room.lock().expect("room lock").get_mut(&id) {
                             m.chat = Some(tx.clone());
                         }
                         tokio::spawn(chat_member(tx, rx, name, peer, shared.console.clone()));
                     }
-                    other => serve_channel(other, channel, params),
+                    other => serve_channel(
+                        other,
+                        router.clone(),
+                        ch,
+                        params,
+                        Requester {
+                            peer,
+                            remote: addr,
+                            local,
+                        },
+                    ),
                 }
             }
             Incoming::Closed(reason) => {
@@ -275,12 +272,31 @@ async fn serve_peer(
     let _ = task.await;
 }
 
-/// Channel kinds other than chat, once authorized.
-fn serve_channel(kind: ChannelKind, channel: Channel, _params: Vec<u8>) {
-    channel.close(
-        CloseCode::Unsupported,
-        &format!("{kind:?} is not offered by this listener"),
-    );
+/// Channel kinds other than chat, once authorized: each request is served by its own task,
+/// which accepts or refuses the channel once it knows whether it can serve it.
+fn serve_channel(
+    kind: ChannelKind,
+    router: RouterHandle,
+    ch: u32,
+    params: Vec<u8>,
+    who: Requester,
+) {
+    match kind {
+        ChannelKind::Shell | ChannelKind::Exec => {
+            tokio::spawn(exec::serve(router, ch, kind, params, who));
+        }
+        ChannelKind::ForwardTcp => {
+            tokio::spawn(forward::serve_direct(router, ch, params, who.peer));
+        }
+        ChannelKind::ReverseForward => {
+            tokio::spawn(forward::serve_reverse(router, ch, params, who.peer));
+        }
+        ChannelKind::Chat | ChannelKind::Vpn => router.reject(
+            ch,
+            CloseCode::Unsupported,
+            &format!("{kind:?} is not offered by this listener"),
+        ),
+    }
 }
 
 async fn chat_member(
