@@ -63,7 +63,10 @@ fn command_words_are_joined_and_run_by_the_remote_shell_like_ssh() {
     let p = Pair::new(true, &[]);
     let t = p.listener.target();
     // Without `--`, as ssh users type it, through `connect` too; the remote shell expands.
-    let out = run(&p.client, &["connect", &t, "echo", "$((6*7))", "|", "tr", "4", "X"]);
+    let out = run(
+        &p.client,
+        &["connect", &t, "echo", "$((6*7))", "|", "tr", "4", "X"],
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "X2\n");
     // The command runs as the listener's user, with the connection described.
     let out = p.exec(&["echo $QSSH_PEER; id -u"]);
@@ -78,10 +81,16 @@ fn command_words_are_joined_and_run_by_the_remote_shell_like_ssh() {
 }
 
 fn my_uid() -> String {
-    String::from_utf8(std::process::Command::new("id").arg("-u").output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_string()
+    String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string()
 }
 
 #[test]

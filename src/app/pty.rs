@@ -102,21 +102,21 @@ pub fn helper_main(args: &[OsString]) -> i32 {
     EXIT_CANNOT_EXEC
 }
 
-/// The terminal mode to put back if the process panics while a [`RawTerminal`] is active.
-static SAVED_MODE: Mutex<Option<Termios>> = Mutex::new(None);
+/// The terminal and mode to put back if the process panics while a [`RawTerminal`] is
+/// active.
+static SAVED_MODE: Mutex<Option<(OwnedFd, Termios)>> = Mutex::new(None);
 static PANIC_HOOK: Once = Once::new();
 
 fn restore_saved() {
-    if let Ok(mut saved) = SAVED_MODE.lock() {
-        if let Some(t) = saved.take() {
-            let _ = rustix::termios::tcsetattr(io::stdin(), OptionalActions::Now, &t);
-        }
+    let saved = SAVED_MODE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some((fd, mode)) = saved {
+        let _ = rustix::termios::tcsetattr(&fd, OptionalActions::Now, &mode);
     }
 }
 
-/// The local terminal in raw mode (every key goes to the remote side, as with ssh). The
-/// original mode comes back when this is dropped (normal exit, peer loss, signals handled by
-/// the caller) and from a panic hook on a panic in any thread.
+/// A terminal in raw mode (every key goes to the remote side, as with ssh). The original
+/// mode comes back when this is dropped (normal exit, peer loss, signals handled by the
+/// caller) and from a panic hook on a panic in any thread.
 pub struct RawTerminal {
     _private: (),
 }
@@ -124,7 +124,12 @@ pub struct RawTerminal {
 impl RawTerminal {
     /// Switches stdin's terminal to raw mode. Fails if stdin is not a terminal.
     pub fn enter() -> io::Result<RawTerminal> {
-        let original = rustix::termios::tcgetattr(io::stdin())?;
+        Self::enter_on(rustix::io::dup(io::stdin())?)
+    }
+
+    /// Switches the terminal on `fd` to raw mode.
+    pub fn enter_on(fd: OwnedFd) -> io::Result<RawTerminal> {
+        let original = rustix::termios::tcgetattr(&fd)?;
         PANIC_HOOK.call_once(|| {
             let previous = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
@@ -132,13 +137,10 @@ impl RawTerminal {
                 previous(info);
             }));
         });
-        *SAVED_MODE.lock().unwrap_or_else(|e| e.into_inner()) = Some(original.clone());
-        let mut raw = original;
+        let mut raw = original.clone();
         raw.make_raw();
-        if let Err(e) = rustix::termios::tcsetattr(io::stdin(), OptionalActions::Now, &raw) {
-            restore_saved();
-            return Err(e.into());
-        }
+        rustix::termios::tcsetattr(&fd, OptionalActions::Now, &raw)?;
+        *SAVED_MODE.lock().unwrap_or_else(|e| e.into_inner()) = Some((fd, original));
         Ok(RawTerminal { _private: () })
     }
 }
@@ -174,6 +176,35 @@ mod tests {
         let mut buf = [0u8; 16];
         let n = rustix::io::read(&pty.master, &mut buf).unwrap();
         assert_eq!(&buf[..n], b"ping");
+    }
+
+    #[test]
+    fn raw_mode_is_restored_on_drop_and_on_a_panic() {
+        use rustix::termios::LocalModes;
+        let pty = Pty::open(WindowSize::default()).unwrap();
+        let cooked = |fd: &OwnedFd| {
+            rustix::termios::tcgetattr(fd)
+                .unwrap()
+                .local_modes
+                .contains(LocalModes::ICANON | LocalModes::ECHO)
+        };
+        assert!(cooked(&pty.slave));
+        let raw = RawTerminal::enter_on(pty.slave.try_clone().unwrap()).unwrap();
+        assert!(!cooked(&pty.slave));
+        drop(raw);
+        assert!(cooked(&pty.slave));
+        // A panic anywhere while raw: the hook restores before the guard is even dropped.
+        let raw = RawTerminal::enter_on(pty.slave.try_clone().unwrap()).unwrap();
+        assert!(!cooked(&pty.slave));
+        let slave = pty.slave.try_clone().unwrap();
+        let joined = std::thread::spawn(move || {
+            let _keep = &slave;
+            panic!("test panic while the terminal is raw");
+        })
+        .join();
+        assert!(joined.is_err());
+        assert!(cooked(&pty.slave), "panic hook did not restore the mode");
+        std::mem::forget(raw);
     }
 
     #[test]

@@ -132,7 +132,13 @@ impl Listener {
         let id = peer_id(home);
         let mut cmd = qssh(home);
         cmd.args([
-            "listen", "--bind", "127.0.0.1", "--port", "0", "--name", "lis",
+            "listen",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--name",
+            "lis",
         ])
         .args(extra)
         .stdin(Stdio::piped())
