@@ -64,8 +64,8 @@ SSH=(ssh -F /dev/null -i "$work/user_key" -p "$SSH_PORT" -o BatchMode=yes
 
 # ---- qssh: a listener authorizing the client ----
 export QSSH_HOME="$work/qssh-client"
-cid=$("$QSSH" id | head -n 1)
-lid=$(QSSH_HOME="$work/qssh-listener" "$QSSH" id | head -n 1)
+cid=$("$QSSH" id | sed -n 1p)
+lid=$(QSSH_HOME="$work/qssh-listener" "$QSSH" id | sed -n 1p)
 QSSH_HOME="$work/qssh-listener" "$QSSH" listen --bind 127.0.0.1 --port "$QSSH_PORT" \
   --allow "$cid" < /dev/null > /dev/null 2> "$work/qssh-listener.log" &
 pids+=($!)
