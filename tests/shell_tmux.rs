@@ -202,6 +202,8 @@ fn interactive_shell_sizes_full_screen_programs_and_exit_status() {
     t.keys(&["Escape"]);
     t.keys(&["-l", ":wq"]);
     t.keys(&["Enter"]);
+    // Type nothing until vi has left the screen: it would take the keys as its own.
+    t.wait_screen("vi to exit", |s| !s.lines().any(|l| l.trim_end() == "~"));
     t.run("true", "m4");
     assert_eq!(
         std::fs::read_to_string(&file).unwrap(),
@@ -212,6 +214,7 @@ fn interactive_shell_sizes_full_screen_programs_and_exit_status() {
         s.lines().any(|l| l.trim() == "1") && s.lines().any(|l| l.trim() == "29")
     });
     t.keys(&["q"]);
+    t.wait_screen("less to exit", |s| !s.lines().any(|l| l.trim() == "29"));
     t.run("true", "m5");
 
     // Ctrl-C goes to the remote job, not to qssh.

@@ -39,8 +39,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-/// Bytes read from local stdin per channel message.
-pub const STDIN_READ_CHUNK: usize = 256 * 1024;
+/// Bytes read from local stdin per channel message (below glibc's mmap threshold, as
+/// `exec::PIPE_READ_CHUNK`).
+pub const STDIN_READ_CHUNK: usize = 64 * 1024;
 /// Kernel buffer asked for our stdin/stdout when they are pipes (fewer wake-ups in bulk).
 pub const LOCAL_PIPE_SIZE: usize = 1 << 20;
 /// After the exit status, how long we wait for the peer to acknowledge the session's close.
@@ -367,44 +368,29 @@ impl Session {
         let mut dec = MsgDecoder::default();
         let outcome = loop {
             tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(ChannelEvent::Data(data)) => {
-                        let pieces = match dec.split(&data) {
-                            Ok(p) => p,
-                            Err(e) => break Outcome::Failed(format!("malformed message from the peer: {e}")),
-                        };
-                        let mut job = OutJob { pieces: Vec::new(), consume: data.len(), buf: Vec::new() };
-                        let mut exit = None;
-                        let mut bad = None;
-                        for p in pieces {
-                            match p {
-                                Piece::Data(s @ (Stream::Stdout | Stream::Stderr), r) => job.pieces.push((s, r)),
-                                Piece::Eof(_) => {}
-                                Piece::ExitStatus(c) => exit = Some((c & 0xff) as i32),
-                                Piece::ExitSignal { signal, core_dumped } => {
-                                    debug!("remote command killed by signal {signal}{}", if core_dumped { " (core dumped)" } else { "" });
-                                    exit = Some(128 + i32::from(signal));
-                                }
-                                other => bad = Some(other),
-                            }
+                ev = rx.recv() => {
+                    // Take what else has already arrived too: one write (and one wake-up of
+                    // the writer thread) per batch instead of per frame.
+                    let mut job = OutJob::default();
+                    let mut next = ev;
+                    let end = loop {
+                        if let Some(o) = absorb(&mut dec, next, &mut job) {
+                            break Some(o);
                         }
-                        job.buf = data;
-                        output.send(job);
-                        if let Some(p) = bad {
-                            break Outcome::Failed(format!("unexpected message from the peer: {p:?}"));
+                        if job.consume >= OUTPUT_BATCH {
+                            break None;
                         }
-                        if let Some(code) = exit {
-                            break Outcome::Exit(code);
+                        match rx.try_recv() {
+                            Ok(ev) => next = Some(ev),
+                            Err(mpsc::error::TryRecvError::Empty) => break None,
+                            Err(mpsc::error::TryRecvError::Disconnected) => next = None,
                         }
+                    };
+                    output.send(job);
+                    if let Some(o) = end {
+                        break o;
                     }
-                    Some(ChannelEvent::Eof) => {}
-                    Some(ChannelEvent::Closed { reason, .. }) => break Outcome::Failed(if reason.is_empty() {
-                        "the remote command ended without an exit status".into()
-                    } else {
-                        reason
-                    }),
-                    None => break Outcome::Failed("session ended".into()),
-                },
+                }
                 inc = incoming.recv() => match inc {
                     Some(Incoming::Request { ch, kind, params }) => self.on_request(ch, kind, &params),
                     Some(Incoming::Closed(reason)) => break Outcome::Failed(reason.to_string()),
@@ -445,11 +431,80 @@ impl Session {
     }
 }
 
-/// Output to write: ranges of `buf` for stdout or stderr, then `consume` bytes of window.
+/// Channel bytes gathered into one output batch before it goes to the writer.
+pub const OUTPUT_BATCH: usize = 256 * 1024;
+
+/// Output to write: ranges of the received blocks for stdout or stderr, then `consume` bytes
+/// of window to give back.
+#[derive(Default)]
 struct OutJob {
-    buf: Vec<u8>,
-    pieces: Vec<(Stream, std::ops::Range<usize>)>,
+    bufs: Vec<Vec<u8>>,
+    pieces: Vec<(usize, Stream, std::ops::Range<usize>)>,
     consume: usize,
+}
+
+/// Adds one channel event to `job`; returns how the session ends if this event ends it.
+fn absorb(dec: &mut MsgDecoder, ev: Option<ChannelEvent>, job: &mut OutJob) -> Option<Outcome> {
+    let data = match ev {
+        Some(ChannelEvent::Data(d)) => d,
+        Some(ChannelEvent::Eof) => return None,
+        Some(ChannelEvent::Closed { reason, .. }) => {
+            return Some(Outcome::Failed(if reason.is_empty() {
+                "the remote command ended without an exit status".into()
+            } else {
+                reason
+            }))
+        }
+        None => return Some(Outcome::Failed("session ended".into())),
+    };
+    job.consume += data.len();
+    let pieces = match dec.split(&data) {
+        Ok(p) => p,
+        Err(e) => {
+            return Some(Outcome::Failed(format!(
+                "malformed message from the peer: {e}"
+            )))
+        }
+    };
+    let idx = job.bufs.len();
+    job.bufs.push(data);
+    let mut end = None;
+    for p in pieces {
+        match p {
+            Piece::Data(s @ (Stream::Stdout | Stream::Stderr), r) => job.pieces.push((idx, s, r)),
+            Piece::Eof(_) => {}
+            Piece::ExitStatus(c) => end = Some(Outcome::Exit((c & 0xff) as i32)),
+            Piece::ExitSignal {
+                signal,
+                core_dumped,
+            } => {
+                debug!(
+                    "remote command killed by signal {signal}{}",
+                    if core_dumped { " (core dumped)" } else { "" }
+                );
+                end = Some(Outcome::Exit(128 + i32::from(signal)));
+            }
+            other => {
+                return Some(Outcome::Failed(format!(
+                    "unexpected message from the peer: {other:?}"
+                )))
+            }
+        }
+    }
+    end
+}
+
+/// Writes every slice, with as few system calls as the kernel allows.
+fn write_all_slices(f: &mut File, mut slices: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match f.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Writes remote output on a thread with plain blocking writes (our stdout may be a slow
@@ -470,14 +525,22 @@ impl OutputWriter {
             .spawn(move || {
                 let mut stdout_ok = true;
                 for job in rx {
-                    for (s, r) in job.pieces {
-                        let res = match s {
-                            Stream::Stdout if stdout_ok => out.write_all(&job.buf[r]),
+                    let mut i = 0;
+                    while i < job.pieces.len() {
+                        let stream = job.pieces[i].1;
+                        let run = job.pieces[i..].iter().take_while(|p| p.1 == stream).count();
+                        let mut slices: Vec<io::IoSlice<'_>> = job.pieces[i..i + run]
+                            .iter()
+                            .map(|(b, _, r)| io::IoSlice::new(&job.bufs[*b][r.clone()]))
+                            .collect();
+                        i += run;
+                        let res = match stream {
+                            Stream::Stdout if stdout_ok => write_all_slices(&mut out, &mut slices),
                             Stream::Stdout => Ok(()),
-                            _ => err.write_all(&job.buf[r]),
+                            _ => write_all_slices(&mut err, &mut slices),
                         };
                         if let Err(e) = res {
-                            if s == Stream::Stdout {
+                            if stream == Stream::Stdout {
                                 debug!("stdout: {e}");
                                 stdout_ok = false;
                                 let _ = broken.send(());
