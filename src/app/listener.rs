@@ -10,6 +10,9 @@ use super::chat::{
     Input, LineBuffer, HELP,
 };
 use super::dial::{dial, resolve_target, ConnectError, Connected, DialOptions};
+use super::exec::{self, Requester};
+use super::forward;
+pub use super::policy::Policy;
 use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
 use crate::core::admission::Admission;
@@ -52,24 +55,6 @@ pub struct ListenOptions {
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
-}
-
-/// Which authenticated peers may open which channel kinds.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    /// Listener switches: off for everyone.
-    pub no_shell: bool,
-    pub no_forward: bool,
-}
-
-impl Policy {
-    /// `Ok` if `peer` may open a channel of `kind`; otherwise the reason the peer is told.
-    pub fn authorize(&self, _peer: &PeerId, kind: ChannelKind) -> Result<(), String> {
-        match kind {
-            ChannelKind::Chat => Ok(()),
-            _ => Err(format!("{kind:?} is not offered by this listener")),
-        }
-    }
 }
 
 /// A connected peer.
@@ -398,9 +383,12 @@ async fn serve_peer(
     session: Session,
     shared: Arc<Shared>,
 ) {
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (handle, events, task) = spawn_session(stream, session);
     let (router, incoming) = route(handle, events);
-    serve_session(id, addr, router, incoming, shared, None).await;
+    serve_session(id, addr, local, router, incoming, shared, None).await;
     let _ = task.await;
 }
 
@@ -456,6 +444,7 @@ async fn serve_dialed(id: u64, d: Dialed, shared: Arc<Shared>, first: bool) {
     let reason = serve_session(
         id,
         d.addr,
+        SocketAddr::from(([0, 0, 0, 0], 0)),
         d.router,
         d.incoming,
         shared.clone(),
@@ -470,9 +459,11 @@ async fn serve_dialed(id: u64, d: Dialed, shared: Arc<Shared>, first: bool) {
 }
 
 /// Serves one session's requests under the policy until it ends; returns why it ended.
+#[allow(clippy::too_many_arguments)]
 async fn serve_session(
     id: u64,
     addr: SocketAddr,
+    local: SocketAddr,
     router: RouterHandle,
     mut incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
     shared: Arc<Shared>,
@@ -518,19 +509,28 @@ async fn serve_session(
                 };
                 if let Err(why) = shared.policy.authorize(&peer, kind) {
                     warn!(peer = %peer, %addr, "refused {kind:?} channel: {why}");
-                    router.reject(ch, CloseCode::Refused, &why);
+                    router.reject(ch, CloseCode::Refused, &why.to_string());
                     continue;
                 }
-                let channel = router.accept(ch, kind);
                 match kind {
                     ChannelKind::Chat => {
-                        let (tx, rx) = channel.split();
+                        let (tx, rx) = router.accept(ch, kind).split();
                         if let Some(m) = shared.room.lock().expect("room lock").get_mut(&id) {
                             m.chat = Some(tx.clone());
                         }
                         tokio::spawn(chat_member(tx, rx, name, peer, shared.console.clone()));
                     }
-                    other => serve_channel(other, channel, params),
+                    other => serve_channel(
+                        other,
+                        router.clone(),
+                        ch,
+                        params,
+                        Requester {
+                            peer,
+                            remote: addr,
+                            local,
+                        },
+                    ),
                 }
             }
             Incoming::Closed(reason) => {
@@ -565,12 +565,31 @@ async fn serve_session(
     ended
 }
 
-/// Channel kinds other than chat, once authorized.
-fn serve_channel(kind: ChannelKind, channel: Channel, _params: Vec<u8>) {
-    channel.close(
-        CloseCode::Unsupported,
-        &format!("{kind:?} is not offered by this listener"),
-    );
+/// Channel kinds other than chat, once authorized: each request is served by its own task,
+/// which accepts or refuses the channel once it knows whether it can serve it.
+fn serve_channel(
+    kind: ChannelKind,
+    router: RouterHandle,
+    ch: u32,
+    params: Vec<u8>,
+    who: Requester,
+) {
+    match kind {
+        ChannelKind::Shell | ChannelKind::Exec => {
+            tokio::spawn(exec::serve(router, ch, kind, params, who));
+        }
+        ChannelKind::ForwardTcp => {
+            tokio::spawn(forward::serve_direct(router, ch, params, who.peer));
+        }
+        ChannelKind::ReverseForward => {
+            tokio::spawn(forward::serve_reverse(router, ch, params, who.peer));
+        }
+        ChannelKind::Chat | ChannelKind::Vpn => router.reject(
+            ch,
+            CloseCode::Unsupported,
+            &format!("{kind:?} is not offered by this listener"),
+        ),
+    }
 }
 
 async fn chat_member(

@@ -121,6 +121,16 @@ struct Routes {
     closed: bool,
 }
 
+impl Routes {
+    /// Drops the routes of channels whose owner is gone (it closed the channel and dropped
+    /// it; the session reports no event for a close we started), so a long session with many
+    /// short channels (forwarded connections) keeps one route per live channel.
+    fn forget_finished(&mut self) {
+        self.map
+            .retain(|_, route| !matches!(route, Route::Open(tx) if tx.is_closed()));
+    }
+}
+
 /// Opens and accepts channels of one session.
 #[derive(Clone)]
 pub struct RouterHandle {
@@ -153,6 +163,7 @@ impl RouterHandle {
             if r.closed {
                 return Err(OpenError::Closed);
             }
+            r.forget_finished();
             r.map.insert(ch, Route::Opening(kind, tx));
             // The answer may have overtaken the registration: replay it now.
             if let Some(early) = r.early.remove(&ch) {
@@ -168,14 +179,17 @@ impl RouterHandle {
         }
     }
 
-    /// Accepts a channel the peer requested.
+    /// Accepts a channel the peer requested. On a session that has ended meanwhile, the
+    /// channel's `recv` returns `None` at once.
     pub fn accept(&self, ch: u32, kind: ChannelKind) -> Channel {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.routes
-            .lock()
-            .expect("routes lock")
-            .map
-            .insert(ch, Route::Open(tx));
+        {
+            let mut r = self.routes.lock().expect("routes lock");
+            if !r.closed {
+                r.forget_finished();
+                r.map.insert(ch, Route::Open(tx));
+            }
+        }
         self.handle.accept_channel(ch);
         Channel {
             id: ch,

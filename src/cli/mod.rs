@@ -3,15 +3,18 @@
 //! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
 //! something to do. Connection and authentication failures exit with 255, as ssh does.
 
+use crate::app::forward::ForwardSpec;
 use crate::app::keys::describe_identity;
 use crate::app::listener::{self, ListenOn, ListenOptions, Policy};
+use crate::app::pty;
+use crate::app::shell::{self, Mode, RemoteOptions};
 use crate::app::store::Home;
 use crate::core::crypto::Secret32;
-use crate::core::identity::Algorithm;
+use crate::core::identity::{Algorithm, PeerId};
 use crate::core::limits::PSK_LEN;
 use crate::net::discovery::{discover, DiscoverOptions};
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -53,7 +56,8 @@ pub enum Command {
     },
     /// Print this peer's ID (first line, alone), algorithm, fingerprint and key sizes.
     Id,
-    /// Wait for peers: chat with everyone who connects.
+    /// Wait for peers: chat with everyone who connects; serve shell, exec and forwarding to
+    /// authorized peers ($QSSH_HOME/authorized_peers or --allow).
     Listen {
         /// Address to bind (default: all IPv4 and IPv6 addresses).
         #[arg(long, value_name = "IP")]
@@ -70,6 +74,16 @@ pub enum Command {
         /// Do not announce this listener on the LAN (broadcast and mDNS).
         #[arg(long)]
         no_announce: bool,
+        /// Authorize this peer for shell, exec and forwarding (repeatable), besides
+        /// authorized_peers.
+        #[arg(long = "allow", value_name = "PEERID")]
+        allow: Vec<PeerId>,
+        /// No shell and no exec for anyone.
+        #[arg(long)]
+        no_shell: bool,
+        /// No port forwarding for anyone.
+        #[arg(long)]
+        no_forward: bool,
     },
     /// List peers announcing themselves on the LAN (broadcast and mDNS).
     Discover {
@@ -86,22 +100,55 @@ pub enum Command {
         #[arg(long)]
         no_mdns: bool,
     },
-    /// Connect to a peer and chat. TARGET: host, host:port, PEERID@host:port, or a name,
+    /// Connect to a peer: chat, or run CMD like ssh (`qssh connect TARGET -- CMD ARGS`), or
+    /// only forward ports with -N. TARGET: host, host:port, PEERID@host:port, or a name,
     /// peer ID or ID prefix (8+ characters) found by LAN discovery.
     Connect {
-        target: String,
-        /// Trust and remember a peer seen for the first time without asking.
-        #[arg(long)]
-        accept_new: bool,
-        /// Name shown to the peer (default: user@host).
-        #[arg(long)]
-        name: Option<String>,
-        /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into the handshake.
-        #[arg(long, value_name = "FILE")]
-        psk_file: Option<PathBuf>,
-        /// Port, when TARGET does not name one.
-        #[arg(short, long)]
-        port: Option<u16>,
+        #[command(flatten)]
+        peer: PeerArgs,
+        #[command(flatten)]
+        forwards: ForwardArgs,
+        /// Forward ports only: no command, no chat.
+        #[arg(short = 'N')]
+        no_command: bool,
+        #[command(flatten)]
+        io: IoArgs,
+        /// Remote command: the words are joined by spaces and run by the peer user's shell,
+        /// as with ssh.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Open an interactive login shell on the peer, as the user who runs its listener.
+    Shell {
+        #[command(flatten)]
+        peer: PeerArgs,
+        #[command(flatten)]
+        forwards: ForwardArgs,
+        /// -tt: a terminal even when stdin is not one.
+        #[arg(short = 't', action = clap::ArgAction::Count)]
+        tty: u8,
+    },
+    /// Run CMD on the peer (`qssh exec TARGET -- CMD ARGS`); its exit status becomes ours.
+    Exec {
+        #[command(flatten)]
+        peer: PeerArgs,
+        #[command(flatten)]
+        forwards: ForwardArgs,
+        #[command(flatten)]
+        io: IoArgs,
+        /// The command: the words are joined by spaces and run by the peer user's shell, as
+        /// with ssh.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
     },
     /// Forget the remembered peer ID of HOST[:PORT] in known_peers (after a legitimate key change).
     Forget {
@@ -112,12 +159,60 @@ pub enum Command {
     Demo,
 }
 
+/// How to reach a peer (connect, shell, exec).
+#[derive(Args, Debug)]
+pub struct PeerArgs {
+    /// host, host:port, [v6]:port or PEERID@host:port.
+    pub target: String,
+    /// Trust and remember a peer seen for the first time without asking.
+    #[arg(long)]
+    pub accept_new: bool,
+    /// Name shown to the peer (default: user@host).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into the handshake.
+    #[arg(long, value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// Port, when TARGET does not name one.
+    #[arg(short, long)]
+    pub port: Option<u16>,
+}
+
+/// Port forwards, as ssh's -L and -R.
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// Listen on local [BIND:]PORT (default bind: loopback) and forward each connection
+    /// through the peer to HOST:HOSTPORT (repeatable).
+    #[arg(short = 'L', value_name = "[BIND:]PORT:HOST:HOSTPORT")]
+    pub local: Vec<ForwardSpec>,
+    /// Ask the peer to listen on its loopback [BIND:]PORT (0: any free port) and forward
+    /// each connection back to HOST:HOSTPORT from here (repeatable).
+    #[arg(short = 'R', value_name = "[BIND:]PORT:HOST:HOSTPORT")]
+    pub remote: Vec<ForwardSpec>,
+}
+
+/// Terminal and stdin of a remote command.
+#[derive(Args, Debug)]
+pub struct IoArgs {
+    /// Ask for a terminal (-t: if stdin is one; -tt: always).
+    #[arg(short = 't', action = clap::ArgAction::Count)]
+    pub tty: u8,
+    /// Read nothing from stdin (as ssh -n).
+    #[arg(short = 'n')]
+    pub stdin_null: bool,
+}
+
 /// Runs the CLI with `args`; returns the process exit status.
 pub fn run<I, T>(args: I) -> i32
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    // The PTY helper (see app::pty) runs before anything else: no runtime, no logging.
+    if args.get(1).is_some_and(|a| a == pty::PTY_HELPER) {
+        return pty::helper_main(&args[2..]);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -140,9 +235,9 @@ where
     let code = match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let code = e
-                .downcast_ref::<crate::app::dial::ConnectError>()
-                .map_or(1, |_| EXIT_CONNECT);
+            let remote = e.downcast_ref::<crate::app::dial::ConnectError>().is_some()
+                || e.downcast_ref::<crate::app::shell::RemoteError>().is_some();
+            let code = if remote { EXIT_CONNECT } else { 1 };
             eprintln!("qssh: {}", one_line(&e));
             code
         }
@@ -252,6 +347,9 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             name,
             psk_file,
             no_announce,
+            allow,
+            no_shell,
+            no_forward,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
@@ -268,33 +366,70 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     accept_new: false,
                     name: name.unwrap_or_else(default_name),
                     psk,
-                    policy: Policy::default(),
+                    policy: Policy {
+                        no_shell,
+                        no_forward,
+                        allow,
+                        home: Some(home.clone()),
+                    },
                 },
             )
             .await
         }
         Command::Connect {
-            target,
-            accept_new,
-            name,
-            psk_file,
-            port,
+            peer,
+            forwards,
+            no_command,
+            io,
+            command,
         } => {
             let home = open_home(&cli.home)?;
-            let psk = psk_file.as_deref().map(read_psk).transpose()?;
-            listener::listen(
-                &home,
-                ListenOptions {
-                    listen: None,
-                    dial: Some(target),
-                    default_port: port.unwrap_or(DEFAULT_PORT),
-                    accept_new,
-                    name: name.unwrap_or_else(default_name),
-                    psk,
-                    policy: Policy::default(),
-                },
-            )
-            .await
+            let mode = match (no_command, command.is_empty()) {
+                (true, false) => bail!("-N runs no command: drop -N or the command"),
+                (true, true) => Mode::ForwardOnly,
+                (false, false) => Mode::Exec(command),
+                (false, true) => {
+                    if !forwards.local.is_empty() || !forwards.remote.is_empty() {
+                        bail!("port forwarding needs -N or a command (chat carries no forwards); for a shell use `qssh shell`");
+                    }
+                    let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
+                    return listener::listen(
+                        &home,
+                        ListenOptions {
+                            listen: None,
+                            dial: Some(peer.target),
+                            default_port: peer.port.unwrap_or(DEFAULT_PORT),
+                            accept_new: peer.accept_new,
+                            name: peer.name.unwrap_or_else(default_name),
+                            psk,
+                            policy: Policy::default(),
+                        },
+                    )
+                    .await;
+                }
+            };
+            remote(&home, peer, forwards, mode, io).await
+        }
+        Command::Shell {
+            peer,
+            forwards,
+            tty,
+        } => {
+            let home = open_home(&cli.home)?;
+            let io = IoArgs {
+                tty,
+                stdin_null: false,
+            };
+            remote(&home, peer, forwards, Mode::Shell, io).await
+        }
+        Command::Exec {
+            peer,
+            forwards,
+            io,
+            command,
+        } => {
+            let home = open_home(&cli.home)?;
+            remote(&home, peer, forwards, Mode::Exec(command), io).await
         }
         Command::Discover {
             timeout,
@@ -343,6 +478,33 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Demo => crate::app::demo::run().await,
     }
+}
+
+/// shell, exec, and connect with a command or -N.
+async fn remote(
+    home: &Home,
+    peer: PeerArgs,
+    forwards: ForwardArgs,
+    mode: Mode,
+    io: IoArgs,
+) -> Result<i32> {
+    let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
+    Ok(shell::run(
+        home,
+        RemoteOptions {
+            target: peer.target,
+            default_port: peer.port.unwrap_or(DEFAULT_PORT),
+            accept_new: peer.accept_new,
+            name: peer.name.unwrap_or_else(default_name),
+            psk,
+            mode,
+            tty: io.tty,
+            stdin_null: io.stdin_null,
+            local_forwards: forwards.local,
+            remote_forwards: forwards.remote,
+        },
+    )
+    .await?)
 }
 
 fn print_identity(info: &crate::app::keys::IdentityInfo) {

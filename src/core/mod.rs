@@ -14,4 +14,5 @@ pub mod labels;
 pub mod limits;
 pub mod ratchet;
 pub mod replay;
+pub mod service;
 pub mod session;
