@@ -15,3 +15,4 @@ pub mod limits;
 pub mod ratchet;
 pub mod replay;
 pub mod session;
+pub mod vpn;
