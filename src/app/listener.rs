@@ -11,6 +11,7 @@ use super::chat::{
 };
 use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
+use super::vpn::{ListenerVpn, VpnOptions, VpnServer};
 use crate::core::admission::Admission;
 use crate::core::crypto::{OsRandom, Secret32};
 use crate::core::frame::{ChannelKind, CloseCode};
@@ -35,6 +36,8 @@ pub struct ListenOptions {
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
+    /// `--vpn`: serve VPN channels on this tunnel configuration.
+    pub vpn: Option<VpnOptions>,
 }
 
 /// Which authenticated peers may open which channel kinds.
@@ -43,14 +46,44 @@ pub struct Policy {
     /// Listener switches: off for everyone.
     pub no_shell: bool,
     pub no_forward: bool,
+    /// The listener serves VPN channels (`--vpn`).
+    pub vpn: bool,
+    /// `--allow PEERID`: peers authorized for everything offered, besides authorized_peers.
+    pub allow: Vec<PeerId>,
+    /// Where authorized_peers is read, at each request (edits apply without a restart).
+    pub home: Option<Home>,
 }
 
 impl Policy {
     /// `Ok` if `peer` may open a channel of `kind`; otherwise the reason the peer is told.
-    pub fn authorize(&self, _peer: &PeerId, kind: ChannelKind) -> Result<(), String> {
+    pub fn authorize(&self, peer: &PeerId, kind: ChannelKind) -> Result<(), String> {
         match kind {
             ChannelKind::Chat => Ok(()),
+            ChannelKind::Vpn => self.authorize_vpn(peer),
             _ => Err(format!("{kind:?} is not offered by this listener")),
+        }
+    }
+
+    /// VPN: offered (`--vpn`), and the peer is in `--allow` or has the `vpn` option in
+    /// authorized_peers. An unreadable authorized_peers authorizes nobody.
+    fn authorize_vpn(&self, peer: &PeerId) -> Result<(), String> {
+        if !self.vpn {
+            return Err("this listener offers no VPN (start it with --vpn)".into());
+        }
+        if self.allow.contains(peer) {
+            return Ok(());
+        }
+        let entry = match &self.home {
+            Some(home) => home.find_authorized(peer).map_err(|e| {
+                warn!("cannot read authorized_peers: {e}");
+                "the listener cannot read its authorized_peers".to_string()
+            })?,
+            None => None,
+        };
+        match entry {
+            Some(a) if a.options.allows_vpn() => Ok(()),
+            Some(_) => Err("this peer is not authorized for the VPN (no `vpn` option in the listener's authorized_peers)".into()),
+            None => Err("this peer is not authorized for the VPN (not in the listener's authorized_peers or --allow)".into()),
         }
     }
 }
@@ -72,6 +105,7 @@ struct Shared {
     admission: Mutex<Admission>,
     policy: Policy,
     console: Console,
+    vpn: Option<Arc<VpnServer>>,
 }
 
 /// Binds the listening socket: `[::]` (IPv4 and IPv6) by default, IPv4 if IPv6 is off.
@@ -106,6 +140,10 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         identity.peer_id(),
         sanitize(&opts.name)
     );
+    let vpn = match opts.vpn {
+        Some(v) => Some(VpnServer::start(v, local)?),
+        None => None,
+    };
     let mut hs = HandshakeConfig::new(identity, &opts.name);
     hs.psk = opts.psk;
     let (console, mut input) = start_input();
@@ -114,6 +152,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         admission: Mutex::new(Admission::default()),
         policy: opts.policy,
         console: console.clone(),
+        vpn,
     });
     let mut input_open = true;
     let mut next_id = 0u64;
@@ -196,6 +235,7 @@ async fn serve_peer(
     let (handle, events, task) = spawn_session(stream, session);
     let (router, mut incoming) = route(handle, events);
     let mut who: Option<(PeerId, String)> = None;
+    let mut vpn: Option<ListenerVpn> = None;
     while let Some(inc) = incoming.recv().await {
         match inc {
             Incoming::Established { peer, name } => {
@@ -236,6 +276,19 @@ async fn serve_peer(
                     router.reject(ch, CloseCode::Refused, &why);
                     continue;
                 }
+                if kind == ChannelKind::Vpn {
+                    match (&shared.vpn, &vpn) {
+                        (Some(_), Some(_)) => {
+                            router.reject(ch, CloseCode::Limit, "one VPN channel per session");
+                        }
+                        (Some(server), None) => match server.accept(&router, ch, &params, peer) {
+                            Ok(v) => vpn = Some(v),
+                            Err(why) => warn!(peer = %peer, %addr, "refused VPN: {why}"),
+                        },
+                        (None, _) => router.reject(ch, CloseCode::Refused, "no VPN here"),
+                    }
+                    continue;
+                }
                 let channel = router.accept(ch, kind);
                 match kind {
                     ChannelKind::Chat => {
@@ -259,7 +312,12 @@ async fn serve_peer(
                 }
                 break;
             }
-            Incoming::DatagramEpoch { .. } | Incoming::Pong(_) => {}
+            Incoming::DatagramEpoch { .. } | Incoming::DatagramEpochConfirmed { .. } => {
+                if let Some(v) = &vpn {
+                    v.on_incoming(&inc);
+                }
+            }
+            Incoming::Pong(_) => {}
         }
     }
     if who.is_some() {

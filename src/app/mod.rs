@@ -9,3 +9,4 @@ pub mod listener;
 pub mod router;
 pub mod store;
 pub mod target;
+pub mod vpn;

@@ -7,9 +7,11 @@ use crate::app::chat::{self, ConnectOptions};
 use crate::app::keys::describe_identity;
 use crate::app::listener::{self, ListenOptions, Policy};
 use crate::app::store::Home;
+use crate::app::vpn::{VpnOptions, VpnSetupError};
 use crate::core::crypto::Secret32;
 use crate::core::identity::Algorithm;
 use crate::core::limits::PSK_LEN;
+use crate::core::vpn::Prefix;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -65,6 +67,11 @@ pub enum Command {
         /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
         #[arg(long, value_name = "FILE")]
         psk_file: Option<PathBuf>,
+        #[command(flatten)]
+        vpn: VpnArgs,
+        /// Authorize this peer (besides authorized_peers) for what the listener offers.
+        #[arg(long, value_name = "PEERID")]
+        allow: Vec<String>,
     },
     /// Connect to a peer and chat: TARGET is host, host:port or PEERID@host:port.
     Connect {
@@ -81,6 +88,11 @@ pub enum Command {
         /// Port, when TARGET does not name one.
         #[arg(short, long)]
         port: Option<u16>,
+        #[command(flatten)]
+        vpn: VpnArgs,
+        /// Route this network through the tunnel (with --vpn; repeatable).
+        #[arg(long, value_name = "CIDR")]
+        route: Vec<String>,
     },
     /// Forget the remembered peer ID of HOST[:PORT] in known_peers (after a legitimate key change).
     Forget {
@@ -89,6 +101,61 @@ pub enum Command {
     },
     /// Run a listener and a connector over loopback and show the handshake and a chat.
     Demo,
+}
+
+/// VPN flags shared by `listen` and `connect`.
+#[derive(clap::Args, Debug)]
+pub struct VpnArgs {
+    /// Bring up a VPN with these tunnel addresses (IPv4 and/or IPv6 with prefix, comma
+    /// separated or repeated), e.g. --vpn 10.200.0.1/24,fd00:200::1/64.
+    #[arg(long, value_name = "ADDR/PREFIX", value_delimiter = ',')]
+    vpn: Vec<String>,
+    /// Name of the TUN interface (default: qvpnN, the first free N).
+    #[arg(long, value_name = "NAME", requires = "vpn")]
+    tun_name: Option<String>,
+    /// Tunnel MTU.
+    #[arg(long, default_value_t = crate::core::vpn::DEFAULT_VPN_MTU, requires = "vpn")]
+    mtu: u16,
+    /// Carry VPN packets only over the session's TCP link (no UDP path).
+    #[arg(long, requires = "vpn")]
+    no_udp: bool,
+    /// Do not use TUN offloads (IFF_VNET_HDR segmentation/coalescing).
+    #[arg(long, requires = "vpn")]
+    no_offload: bool,
+    /// Rotate datagram keys after this many packets (lower than the protocol's 2^24; for
+    /// tests and benchmarks).
+    #[arg(long, hide = true, value_name = "N")]
+    rekey_packets: Option<u64>,
+}
+
+impl VpnArgs {
+    fn options(&self, routes: &[String]) -> Result<Option<VpnOptions>> {
+        if self.vpn.is_empty() {
+            if !routes.is_empty() {
+                bail!("--route needs --vpn");
+            }
+            return Ok(None);
+        }
+        let parse = |v: &[String]| -> Result<Vec<Prefix>> {
+            v.iter()
+                .filter(|a| !a.trim().is_empty())
+                .map(|a| a.parse::<Prefix>().map_err(anyhow::Error::from))
+                .collect()
+        };
+        let opts = VpnOptions {
+            addresses: parse(&self.vpn)?,
+            tun_name: self.tun_name.clone(),
+            routes: parse(routes)?,
+            mtu: self.mtu,
+            udp: !self.no_udp,
+            offload: !self.no_offload,
+            rekey: self
+                .rekey_packets
+                .map(|n| (n, crate::core::limits::DATAGRAM_REKEY_INTERVAL)),
+        };
+        opts.validate()?;
+        Ok(Some(opts))
+    }
 }
 
 /// Runs the CLI with `args`; returns the process exit status.
@@ -119,9 +186,12 @@ where
     let code = match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let code = e
-                .downcast_ref::<crate::app::dial::ConnectError>()
-                .map_or(1, |_| EXIT_CONNECT);
+            let connection = e.downcast_ref::<crate::app::dial::ConnectError>().is_some()
+                || matches!(
+                    e.downcast_ref::<VpnSetupError>(),
+                    Some(VpnSetupError::Refused(_) | VpnSetupError::Protocol(_))
+                );
+            let code = if connection { EXIT_CONNECT } else { 1 };
             eprintln!("qssh: {}", one_line(&e));
             code
         }
@@ -230,9 +300,19 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             port,
             name,
             psk_file,
+            vpn,
+            allow,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
+            let vpn = vpn.options(&[])?;
+            let allow = allow
+                .iter()
+                .map(|p| {
+                    p.parse::<crate::core::identity::PeerId>()
+                        .with_context(|| format!("--allow {p}: not a peer ID"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             listener::listen(
                 &home,
                 ListenOptions {
@@ -240,7 +320,13 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     port,
                     name: name.unwrap_or_else(default_name),
                     psk,
-                    policy: Policy::default(),
+                    policy: Policy {
+                        vpn: vpn.is_some(),
+                        allow,
+                        home: Some(home.clone()),
+                        ..Policy::default()
+                    },
+                    vpn,
                 },
             )
             .await
@@ -251,9 +337,21 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             name,
             psk_file,
             port,
+            vpn,
+            route,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
+            if let Some(opts) = vpn.options(&route)? {
+                return crate::app::vpn::connect(
+                    &home,
+                    &target,
+                    port.unwrap_or(DEFAULT_PORT),
+                    (accept_new, name.unwrap_or_else(default_name), psk),
+                    opts,
+                )
+                .await;
+            }
             chat::connect(
                 &home,
                 ConnectOptions {
