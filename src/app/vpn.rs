@@ -204,10 +204,11 @@ impl Peer {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let d: DatagramStats = self.rx.lock().expect("rx lock").stats();
         format!(
-            "vpn: peer {}: sent {} packets ({} over UDP), received {} ({} over UDP); dropped {} with a spoofed source, {} malformed, {} replayed, {} failed authentication, {} with an unknown epoch; datagram epochs {} sent, {} received",
+            "vpn: peer {}: sent {} packets ({} over UDP, {} UDP send errors), received {} ({} over UDP); dropped {} with a spoofed source, {} malformed, {} replayed, {} failed authentication, {} with an unknown epoch; datagram epochs {} sent, {} received",
             self.label,
             g(&s.tx_udp) + g(&s.tx_tcp),
             g(&s.tx_udp),
+            g(&s.tx_errors),
             g(&s.rx_udp) + g(&s.rx_tcp),
             g(&s.rx_udp),
             g(&s.spoofed),

@@ -20,6 +20,9 @@ use tokio::net::UdpSocket;
 pub const UDP_SOCKET_BUFFER: usize = 8 << 20;
 /// Largest UDP payload one receive buffer must hold without GRO.
 pub const MAX_UDP_PAYLOAD: usize = 65_535;
+/// Largest total payload of one GSO send: the kernel segments one UDP "super-datagram",
+/// whose length must fit the 16-bit IP/UDP length fields with headers.
+pub const MAX_GSO_BYTES: usize = 65_000;
 
 /// Something that carries datagram records to a peer.
 pub trait PacketPath: Send + Sync {
@@ -135,7 +138,8 @@ impl PacketPath for UdpLink {
             if stride == 0 {
                 return Ok(());
             }
-            let per_send = stride * self.max_segments();
+            let segments = self.max_segments().min(MAX_GSO_BYTES / stride).max(1);
+            let per_send = stride * segments;
             for chunk in buf.chunks(per_send) {
                 self.send_chunk(dest, chunk, stride).await?;
             }
