@@ -2,6 +2,7 @@
 # Installs what the test suites need that a fresh Debian machine may lack, and nothing that
 # is already there (safe to run again and again):
 #   - iproute2 (`ip`) and procps (`sysctl`, `kill`): network-namespace labs (tests/netns/).
+#   - iperf3, ping (iputils-ping), setpriv (util-linux): VPN tests (tests/vpn_netns.rs).
 #   - python3 + python-zeroconf: an independent mDNS/DNS-SD browser that checks what qssh
 #     registers (tests/netns/zeroconf_browse.py).
 # Needs root (or sudo) only when something is missing.
@@ -27,6 +28,9 @@ missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 { command -v sysctl >/dev/null 2>&1 && command -v kill >/dev/null 2>&1; } || missing+=(procps)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "ci-deps: installing ${missing[*]}"
   apt_install "${missing[@]}"

@@ -131,6 +131,11 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     let identity = load_identity(home)?;
     let listener = bind(opts.bind, opts.port).await?;
     let local = listener.local_addr()?;
+    // The tunnel first: without the right to create it, the one error line is all there is.
+    let vpn = match opts.vpn {
+        Some(v) => Some(VpnServer::start(v, local)?),
+        None => None,
+    };
     eprintln!(
         "listening on {} as {} ({})",
         match opts.bind {
@@ -140,10 +145,6 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         identity.peer_id(),
         sanitize(&opts.name)
     );
-    let vpn = match opts.vpn {
-        Some(v) => Some(VpnServer::start(v, local)?),
-        None => None,
-    };
     let mut hs = HandshakeConfig::new(identity, &opts.name);
     hs.psk = opts.psk;
     let (console, mut input) = start_input();
