@@ -1061,6 +1061,13 @@ pub async fn connect(
     opts: VpnOptions,
 ) -> Result<i32> {
     opts.validate()?;
+    // The interface first, while nothing waits on it: a missing CAP_NET_ADMIN is reported
+    // before any connection, and its creation is off the path to the first packet. Packets
+    // routed into it before the peer answers wait in its queue.
+    let tunnel = Arc::new(Tunnel::create(&opts)?);
+    for r in &opts.routes {
+        tunnel.add_route(r)?;
+    }
     let (accept_new, name, psk) = dial_opts;
     let identity = super::chat::load_identity(home)?;
     let target = Target::parse(target, default_port).map_err(ConnectError::from)?;
@@ -1142,10 +1149,9 @@ pub async fn connect(
     }
     let theirs = theirs.expect("loop ends with params");
     let mut opts = opts;
-    opts.mtu = opts.mtu.min(theirs.mtu);
-    let tunnel = Arc::new(Tunnel::create(&opts)?);
-    for r in &opts.routes {
-        tunnel.add_route(r)?;
+    if theirs.mtu < opts.mtu {
+        opts.mtu = theirs.mtu;
+        tunnel.set_mtu(opts.mtu)?;
     }
     let use_udp = opts.udp && theirs.udp && theirs.udp_port != 0;
     let link = if use_udp {
@@ -1305,6 +1311,16 @@ pub async fn connect(
 impl Tunnel {
     fn add_route(&self, r: &Prefix) -> Result<(), TunError> {
         self.tun.add_route(r)
+    }
+    fn set_mtu(&self, mtu: u16) -> Result<(), TunError> {
+        self.tun
+            .dev
+            .set_mtu(mtu)
+            .map_err(|source| TunError::Configure {
+                name: self.tun.name.clone(),
+                what: format!("set MTU {mtu}"),
+                source,
+            })
     }
 }
 
