@@ -378,6 +378,9 @@ impl Tunnel {
         let mut cache = None;
         for rec in records(buf, stride) {
             self.open_record(from, rec, &mut w, &mut cache);
+            if w.n >= IDEAL_BATCH_SIZE {
+                w.flush(self).await;
+            }
         }
         w.flush(self).await;
     }
@@ -576,18 +579,24 @@ impl Tunnel {
         let mut w = TunWriter::new(self.headroom);
         let mut cache = None;
         loop {
-            let r = link
-                .recv_batch(&mut rb, |from, payload, stride| {
-                    for rec in records(payload, stride) {
-                        self.open_record(from, rec, &mut w, &mut cache);
+            let n = match link.recv_batch(&mut rb).await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("UDP receive failed: {e}");
+                    return;
+                }
+            };
+            for i in 0..n {
+                let (from, payload, stride) = rb.get(i);
+                for rec in records(payload, stride) {
+                    self.open_record(from, rec, &mut w, &mut cache);
+                    // GRO coalescing works on batches of this size.
+                    if w.n >= IDEAL_BATCH_SIZE {
+                        w.flush(&self).await;
                     }
-                })
-                .await;
-            w.flush(&self).await;
-            if let Err(e) = r {
-                warn!("UDP receive failed: {e}");
-                return;
+                }
             }
+            w.flush(&self).await;
         }
     }
 

@@ -55,8 +55,9 @@ pub const MIN_IP_PACKET: usize = 20;
 pub const MESSAGE_HEADER_LEN: usize = 3;
 /// Largest body of any stream message.
 pub const MAX_MESSAGE_BODY: usize = MAX_VPN_MTU as usize;
-/// Encoded size of the largest parameter block.
-pub const MAX_PARAMS_LEN: usize = 11 + MAX_TUNNEL_ADDRESSES * 18;
+/// Encoded size of the largest parameter block: the fixed part, one IPv4 and one IPv6
+/// address (MAX_TUNNEL_ADDRESSES = 2, at most one per family).
+pub const MAX_PARAMS_LEN: usize = 11 + (1 + 4 + 1) + (1 + 16 + 1);
 
 /// The sender can use a UDP path.
 pub const FLAG_UDP: u8 = 0x01;

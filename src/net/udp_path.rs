@@ -49,6 +49,18 @@ pub struct RecvBuffers {
     meta: Vec<RecvMeta>,
 }
 
+impl RecvBuffers {
+    /// Received buffer `i` (below what `recv_batch` returned): sender, payload, and the
+    /// stride of the records in it (GRO: several records of `stride` bytes, the last maybe
+    /// shorter; otherwise one record).
+    pub fn get(&self, i: usize) -> (SocketAddr, &[u8], usize) {
+        let (m, b) = (&self.meta[i], &self.bufs[i]);
+        let len = m.len.min(b.len());
+        let stride = if m.stride == 0 { len } else { m.stride };
+        (m.addr, &b[..len], stride)
+    }
+}
+
 impl UdpLink {
     /// Binds `addr` (use port 0 for any). Must be called inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> io::Result<UdpLink> {
@@ -82,14 +94,8 @@ impl UdpLink {
         }
     }
 
-    /// Waits for datagrams and calls `f(from, payload, stride)` for each received buffer: a
-    /// payload of several records of `stride` bytes (GRO; the last may be shorter), or one
-    /// record. Returns the number of buffers.
-    pub async fn recv_batch(
-        &self,
-        rb: &mut RecvBuffers,
-        mut f: impl FnMut(SocketAddr, &[u8], usize),
-    ) -> io::Result<usize> {
+    /// Waits for datagrams; returns how many buffers [`RecvBuffers::get`] now holds.
+    pub async fn recv_batch(&self, rb: &mut RecvBuffers) -> io::Result<usize> {
         let n = loop {
             self.sock.readable().await?;
             let mut slices: Vec<IoSliceMut<'_>> =
@@ -103,11 +109,6 @@ impl UdpLink {
                 Err(e) => return Err(e),
             }
         };
-        for (m, b) in rb.meta.iter().zip(rb.bufs.iter()).take(n) {
-            let len = m.len.min(b.len());
-            let stride = if m.stride == 0 { len } else { m.stride };
-            f(m.addr, &b[..len], stride);
-        }
         Ok(n)
     }
 
@@ -174,16 +175,15 @@ mod tests {
         let from = a.local_addr().unwrap();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while got.len() < 11 && tokio::time::Instant::now() < deadline {
-            tokio::time::timeout_at(
-                deadline,
-                b.recv_batch(&mut rb, |src, payload, stride| {
-                    assert_eq!(src, from);
-                    got.extend(records(payload, stride).map(<[u8]>::to_vec));
-                }),
-            )
-            .await
-            .expect("records within 5 s")
-            .unwrap();
+            let n = tokio::time::timeout_at(deadline, b.recv_batch(&mut rb))
+                .await
+                .expect("records within 5 s")
+                .unwrap();
+            for i in 0..n {
+                let (src, payload, stride) = rb.get(i);
+                assert_eq!(src, from);
+                got.extend(records(payload, stride).map(<[u8]>::to_vec));
+            }
         }
         assert_eq!(got.len(), 11);
         for (i, r) in got.iter().enumerate() {
