@@ -11,6 +11,9 @@ PACKAGES=(
   tmux      # tests/shell_tmux.rs: drives an interactive `qssh shell` in a real terminal
   vim-tiny  # tests/shell_tmux.rs: a full-screen program (vi) inside the remote shell
   less      # tests/shell_tmux.rs: a pager inside the remote shell
+  iperf3    # tests/vpn_netns.rs: TCP and UDP throughput through the tunnel
+  iputils-ping  # tests/vpn_netns.rs: ping both ways over IPv4 and IPv6
+  util-linux    # tests/vpn_netns.rs: setpriv (a run without CAP_NET_ADMIN)
 )
 
 as_root() {

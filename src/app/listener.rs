@@ -15,6 +15,7 @@ use super::forward;
 pub use super::policy::Policy;
 use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
+use super::vpn::{ListenerVpn, VpnOptions, VpnServer};
 use crate::core::admission::Admission;
 use crate::core::announce::ListenPort;
 use crate::core::crypto::{OsRandom, Secret32};
@@ -55,6 +56,8 @@ pub struct ListenOptions {
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
+    /// `--vpn`: serve VPN channels on this tunnel configuration.
+    pub vpn: Option<VpnOptions>,
 }
 
 /// A connected peer.
@@ -84,6 +87,7 @@ struct Shared {
     default_port: u16,
     /// How the first dialed session ended (the connector's exit status follows it).
     first_close: Mutex<Option<CloseReason>>,
+    vpn: Option<Arc<VpnServer>>,
 }
 
 /// Binds the listening socket: `[::]` (IPv4 and IPv6) by default, IPv4 if IPv6 is off.
@@ -108,6 +112,13 @@ pub async fn bind(bind: Option<IpAddr>, port: u16) -> Result<TcpListener> {
 /// until its input ends (then every session is closed gracefully) or its last peer leaves.
 pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     let identity = load_identity(home)?;
+    let (listener, vpn) = match &opts.listen {
+        Some(on) => {
+            let (l, a, v) = start_listening(&identity, &opts.name, on, opts.vpn.clone()).await?;
+            (Some((l, a)), v)
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         room: Arc::new(Mutex::new(BTreeMap::new())),
         admission: Mutex::new(Admission::default()),
@@ -120,6 +131,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         accept_new: opts.accept_new,
         default_port: opts.default_port,
         first_close: Mutex::new(None),
+        vpn,
     });
     let mut tasks = tokio::task::JoinSet::new();
     let mut next_id = 0u64;
@@ -129,10 +141,6 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         next_id += 1;
         tasks.spawn(serve_dialed(next_id, d, shared.clone(), true));
     }
-    let listener = match &opts.listen {
-        Some(on) => Some(start_listening(&identity, &opts.name, on).await?),
-        None => None,
-    };
     // The line editor starts after the first dial: its trust question owns the terminal.
     let console = shared.console.clone();
     let mut input = start_input(&console);
@@ -249,9 +257,15 @@ async fn start_listening(
     identity: &Identity,
     name: &str,
     on: &ListenOn,
-) -> Result<(TcpListener, Option<Announcer>)> {
+    vpn: Option<VpnOptions>,
+) -> Result<(TcpListener, Option<Announcer>, Option<Arc<VpnServer>>)> {
     let listener = bind(on.bind, on.port).await?;
     let local = listener.local_addr()?;
+    // The tunnel first: without the right to create it, the one error line is all there is.
+    let vpn = match vpn {
+        Some(v) => Some(VpnServer::start(v, local)?),
+        None => None,
+    };
     eprintln!(
         "listening on {} as {} ({})",
         match on.bind {
@@ -278,7 +292,7 @@ async fn start_listening(
     } else {
         None
     };
-    Ok((listener, announcer))
+    Ok((listener, announcer, vpn))
 }
 
 /// Resolves and dials `target` for the room. Only the command-line target may ask the
@@ -471,6 +485,7 @@ async fn serve_session(
 ) -> Option<CloseReason> {
     let outgoing = who.is_some();
     let mut ended = None;
+    let mut vpn: Option<ListenerVpn> = None;
     while let Some(inc) = incoming.recv().await {
         match inc {
             Incoming::Established { peer, name } => {
@@ -512,6 +527,19 @@ async fn serve_session(
                     router.reject(ch, CloseCode::Refused, &why.to_string());
                     continue;
                 }
+                if kind == ChannelKind::Vpn {
+                    match (&shared.vpn, &vpn) {
+                        (Some(_), Some(_)) => {
+                            router.reject(ch, CloseCode::Limit, "one VPN channel per session");
+                        }
+                        (Some(server), None) => match server.accept(&router, ch, &params, peer) {
+                            Ok(v) => vpn = Some(v),
+                            Err(why) => warn!(peer = %peer, %addr, "refused VPN: {why}"),
+                        },
+                        (None, _) => router.reject(ch, CloseCode::Refused, "no VPN here"),
+                    }
+                    continue;
+                }
                 match kind {
                     ChannelKind::Chat => {
                         let (tx, rx) = router.accept(ch, kind).split();
@@ -545,7 +573,12 @@ async fn serve_session(
                 ended = Some(reason);
                 break;
             }
-            Incoming::DatagramEpoch { .. } | Incoming::Pong(_) => {}
+            Incoming::DatagramEpoch { .. } | Incoming::DatagramEpochConfirmed { .. } => {
+                if let Some(v) = &vpn {
+                    v.on_incoming(&inc);
+                }
+            }
+            Incoming::Pong(_) => {}
         }
     }
     if who.is_some() {

@@ -14,3 +14,4 @@ pub mod router;
 pub mod shell;
 pub mod store;
 pub mod target;
+pub mod vpn;

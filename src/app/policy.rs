@@ -38,6 +38,9 @@ pub struct Policy {
     pub no_shell: bool,
     /// `--no-forward`: no `-L` or `-R` forwarding for anyone.
     pub no_forward: bool,
+    /// `--vpn`: the listener serves VPN channels (to peers with the `vpn` option or
+    /// `--allow`).
+    pub vpn: bool,
     /// `--allow PEERID` (repeatable): authorized with no restrictions, unless
     /// `authorized_peers` lists the same peer with options, which then apply.
     pub allow: Vec<PeerId>,
@@ -69,7 +72,11 @@ impl Policy {
                 }
             }
         }
-        Ok(self.allow.contains(peer).then_some(PeerOptions::default()))
+        // --allow on the command line authorizes everything offered, the VPN included.
+        Ok(self.allow.contains(peer).then_some(PeerOptions {
+            vpn: true,
+            ..PeerOptions::default()
+        }))
     }
 
     /// `Ok` if `peer` may open a channel of `kind`.
@@ -77,7 +84,8 @@ impl Policy {
         let (what, option) = describe(kind);
         let allowed: fn(&PeerOptions) -> bool = match kind {
             ChannelKind::Chat => return Ok(()),
-            ChannelKind::Vpn => return Err(Refusal::NotOffered { what }),
+            ChannelKind::Vpn if !self.vpn => return Err(Refusal::NotOffered { what }),
+            ChannelKind::Vpn => PeerOptions::allows_vpn,
             ChannelKind::Shell | ChannelKind::Exec if self.no_shell => {
                 return Err(Refusal::Disabled { what })
             }

@@ -35,6 +35,10 @@ pub enum Incoming {
         epoch: u32,
         secret: [u8; 32],
     },
+    /// The peer installed our datagram epoch `epoch`.
+    DatagramEpochConfirmed {
+        epoch: u32,
+    },
     Pong(std::time::Duration),
     Closed(CloseReason),
 }
@@ -229,6 +233,9 @@ pub fn route(
                 }
                 Event::Established { peer, name, .. } => Incoming::Established { peer, name },
                 Event::DatagramEpoch { epoch, secret } => Incoming::DatagramEpoch { epoch, secret },
+                Event::DatagramEpochConfirmed { epoch } => {
+                    Incoming::DatagramEpochConfirmed { epoch }
+                }
                 Event::Pong { rtt } => Incoming::Pong(rtt),
                 Event::VerifyPeer { .. } => continue,
                 Event::Closed { reason } => {

@@ -9,9 +9,11 @@ use crate::app::listener::{self, ListenOn, ListenOptions, Policy};
 use crate::app::pty;
 use crate::app::shell::{self, Mode, RemoteOptions};
 use crate::app::store::Home;
+use crate::app::vpn::{VpnOptions, VpnSetupError};
 use crate::core::crypto::Secret32;
 use crate::core::identity::{Algorithm, PeerId};
 use crate::core::limits::PSK_LEN;
+use crate::core::vpn::Prefix;
 use crate::net::discovery::{discover, DiscoverOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -71,6 +73,8 @@ pub enum Command {
         /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
         #[arg(long, value_name = "FILE")]
         psk_file: Option<PathBuf>,
+        #[command(flatten)]
+        vpn: VpnArgs,
         /// Do not announce this listener on the LAN (broadcast and mDNS).
         #[arg(long)]
         no_announce: bool,
@@ -113,6 +117,11 @@ pub enum Command {
         no_command: bool,
         #[command(flatten)]
         io: IoArgs,
+        #[command(flatten)]
+        vpn: VpnArgs,
+        /// Route this network through the tunnel (with --vpn; repeatable).
+        #[arg(long, value_name = "CIDR")]
+        route: Vec<String>,
         /// Remote command: the words are joined by spaces and run by the peer user's shell,
         /// as with ssh.
         #[arg(
@@ -202,6 +211,61 @@ pub struct IoArgs {
     pub stdin_null: bool,
 }
 
+/// VPN flags shared by `listen` and `connect`.
+#[derive(clap::Args, Debug)]
+pub struct VpnArgs {
+    /// Bring up a VPN with these tunnel addresses (IPv4 and/or IPv6 with prefix, comma
+    /// separated or repeated), e.g. --vpn 10.200.0.1/24,fd00:200::1/64.
+    #[arg(long, value_name = "ADDR/PREFIX", value_delimiter = ',')]
+    vpn: Vec<String>,
+    /// Name of the TUN interface (default: qvpnN, the first free N).
+    #[arg(long, value_name = "NAME", requires = "vpn")]
+    tun_name: Option<String>,
+    /// Tunnel MTU.
+    #[arg(long, default_value_t = crate::core::vpn::DEFAULT_VPN_MTU, requires = "vpn")]
+    mtu: u16,
+    /// Carry VPN packets only over the session's TCP link (no UDP path).
+    #[arg(long, requires = "vpn")]
+    no_udp: bool,
+    /// Do not use TUN offloads (IFF_VNET_HDR segmentation/coalescing).
+    #[arg(long, requires = "vpn")]
+    no_offload: bool,
+    /// Rotate datagram keys after this many packets (lower than the protocol's 2^24; for
+    /// tests and benchmarks).
+    #[arg(long, hide = true, value_name = "N")]
+    rekey_packets: Option<u64>,
+}
+
+impl VpnArgs {
+    fn options(&self, routes: &[String]) -> Result<Option<VpnOptions>> {
+        if self.vpn.is_empty() {
+            if !routes.is_empty() {
+                bail!("--route needs --vpn");
+            }
+            return Ok(None);
+        }
+        let parse = |v: &[String]| -> Result<Vec<Prefix>> {
+            v.iter()
+                .filter(|a| !a.trim().is_empty())
+                .map(|a| a.parse::<Prefix>().map_err(anyhow::Error::from))
+                .collect()
+        };
+        let opts = VpnOptions {
+            addresses: parse(&self.vpn)?,
+            tun_name: self.tun_name.clone(),
+            routes: parse(routes)?,
+            mtu: self.mtu,
+            udp: !self.no_udp,
+            offload: !self.no_offload,
+            rekey: self
+                .rekey_packets
+                .map(|n| (n, crate::core::limits::DATAGRAM_REKEY_INTERVAL)),
+        };
+        opts.validate()?;
+        Ok(Some(opts))
+    }
+}
+
 /// Runs the CLI with `args`; returns the process exit status.
 pub fn run<I, T>(args: I) -> i32
 where
@@ -236,7 +300,11 @@ where
         Ok(code) => code,
         Err(e) => {
             let remote = e.downcast_ref::<crate::app::dial::ConnectError>().is_some()
-                || e.downcast_ref::<crate::app::shell::RemoteError>().is_some();
+                || e.downcast_ref::<crate::app::shell::RemoteError>().is_some()
+                || matches!(
+                    e.downcast_ref::<VpnSetupError>(),
+                    Some(VpnSetupError::Refused(_) | VpnSetupError::Protocol(_))
+                );
             let code = if remote { EXIT_CONNECT } else { 1 };
             eprintln!("qssh: {}", one_line(&e));
             code
@@ -350,9 +418,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             allow,
             no_shell,
             no_forward,
+            vpn,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
+            let vpn = vpn.options(&[])?;
             listener::listen(
                 &home,
                 ListenOptions {
@@ -369,9 +439,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     policy: Policy {
                         no_shell,
                         no_forward,
+                        vpn: vpn.is_some(),
                         allow,
                         home: Some(home.clone()),
                     },
+                    vpn,
                 },
             )
             .await
@@ -381,9 +453,25 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             forwards,
             no_command,
             io,
+            vpn,
+            route,
             command,
         } => {
             let home = open_home(&cli.home)?;
+            if let Some(opts) = vpn.options(&route)? {
+                if !command.is_empty() || no_command {
+                    bail!("--vpn runs the tunnel until interrupted: drop the command or -N");
+                }
+                let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
+                return crate::app::vpn::connect(
+                    &home,
+                    &peer.target,
+                    peer.port.unwrap_or(DEFAULT_PORT),
+                    (peer.accept_new, peer.name.unwrap_or_else(default_name), psk),
+                    opts,
+                )
+                .await;
+            }
             let mode = match (no_command, command.is_empty()) {
                 (true, false) => bail!("-N runs no command: drop -N or the command"),
                 (true, true) => Mode::ForwardOnly,
@@ -403,6 +491,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                             name: peer.name.unwrap_or_else(default_name),
                             psk,
                             policy: Policy::default(),
+                            vpn: None,
                         },
                     )
                     .await;

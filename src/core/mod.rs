@@ -16,3 +16,4 @@ pub mod ratchet;
 pub mod replay;
 pub mod service;
 pub mod session;
+pub mod vpn;

@@ -2,3 +2,5 @@
 
 pub mod discovery;
 pub mod tcp;
+pub mod tun;
+pub mod udp_path;
