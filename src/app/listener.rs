@@ -9,17 +9,20 @@ use super::chat::{
     format_message, load_identity, parse_line, sanitize, send_line, start_input, Command, Console,
     Input, LineBuffer, HELP,
 };
+use super::dial::{dial, resolve_target, ConnectError, Connected, DialOptions};
 use super::exec::{self, Requester};
 use super::forward;
 pub use super::policy::Policy;
-use super::router::{route, ChannelEvent, ChannelSender, Incoming, RouterHandle};
+use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
 use crate::core::admission::Admission;
+use crate::core::announce::ListenPort;
 use crate::core::crypto::{OsRandom, Secret32};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::handshake::HandshakeConfig;
-use crate::core::identity::PeerId;
-use crate::core::session::{Session, SessionConfig};
+use crate::core::identity::{Identity, PeerId};
+use crate::core::session::{CloseReason, Session, SessionConfig};
+use crate::net::discovery::{discover, Announcer, AnnouncerConfig, DiscoverOptions};
 use crate::net::tcp::spawn_session;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -32,9 +35,23 @@ use tracing::{info, warn};
 /// How long a shutting-down listener waits for its sessions to say goodbye.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-pub struct ListenOptions {
+/// Where a listener listens.
+pub struct ListenOn {
     pub bind: Option<IpAddr>,
     pub port: u16,
+    /// Announce on the LAN (broadcast and mDNS) so `discover` and `connect NAME` find us.
+    pub announce: bool,
+}
+
+/// A chat room: a listener (`listen: Some`), a connector (`dial: Some`), or both. Typed
+/// lines go to every member; `/dial` adds members, `/peers` lists them and the LAN.
+pub struct ListenOptions {
+    pub listen: Option<ListenOn>,
+    /// Connect to this target first; failing that is a connection error (exit 255).
+    pub dial: Option<String>,
+    pub default_port: u16,
+    /// Trust a first-seen peer without asking (connect --accept-new).
+    pub accept_new: bool,
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
@@ -47,6 +64,8 @@ struct Member {
     addr: SocketAddr,
     router: RouterHandle,
     chat: Option<ChannelSender>,
+    /// We dialed it (connect, /dial) rather than accepted it.
+    outgoing: bool,
 }
 
 type Room = Arc<Mutex<BTreeMap<u64, Member>>>;
@@ -57,6 +76,14 @@ struct Shared {
     admission: Mutex<Admission>,
     policy: Policy,
     console: Console,
+    home: Home,
+    identity: Arc<Identity>,
+    name: String,
+    psk: Option<Secret32>,
+    accept_new: bool,
+    default_port: u16,
+    /// How the first dialed session ended (the connector's exit status follows it).
+    first_close: Mutex<Option<CloseReason>>,
 }
 
 /// Binds the listening socket: `[::]` (IPv4 and IPv6) by default, IPv4 if IPv6 is off.
@@ -77,37 +104,52 @@ pub async fn bind(bind: Option<IpAddr>, port: u16) -> Result<TcpListener> {
     }
 }
 
-/// Runs the listener until SIGINT/SIGTERM (or `/quit` on its terminal).
+/// Runs the room: until SIGINT/SIGTERM or `/quit` for a listener; for a connector also
+/// until its input ends (then every session is closed gracefully) or its last peer leaves.
 pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     let identity = load_identity(home)?;
-    let listener = bind(opts.bind, opts.port).await?;
-    let local = listener.local_addr()?;
-    eprintln!(
-        "listening on {} as {} ({})",
-        match opts.bind {
-            None => format!("port {} (all IPv4 and IPv6 addresses)", local.port()),
-            Some(_) => local.to_string(),
-        },
-        identity.peer_id(),
-        sanitize(&opts.name)
-    );
-    let mut hs = HandshakeConfig::new(identity, &opts.name);
-    hs.psk = opts.psk;
-    let (console, mut input) = start_input();
     let shared = Arc::new(Shared {
         room: Arc::new(Mutex::new(BTreeMap::new())),
         admission: Mutex::new(Admission::default()),
         policy: opts.policy,
-        console: console.clone(),
+        console: Console::plain(),
+        home: home.clone(),
+        identity: identity.clone(),
+        name: opts.name.clone(),
+        psk: opts.psk.clone(),
+        accept_new: opts.accept_new,
+        default_port: opts.default_port,
+        first_close: Mutex::new(None),
     });
-    let mut input_open = true;
-    let mut next_id = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
+    let mut next_id = 0u64;
+    // A connector's first peer: failing to reach it is the command's failure.
+    if let Some(target) = &opts.dial {
+        let d = open_chat(dial_target(&shared, target, true).await?).await?;
+        next_id += 1;
+        tasks.spawn(serve_dialed(next_id, d, shared.clone(), true));
+    }
+    let listener = match &opts.listen {
+        Some(on) => Some(start_listening(&identity, &opts.name, on).await?),
+        None => None,
+    };
+    // The line editor starts after the first dial: its trust question owns the terminal.
+    let console = shared.console.clone();
+    let mut input = start_input(&console);
+    let mut hs = HandshakeConfig::new(identity, &opts.name);
+    hs.psk = opts.psk;
+    let mut input_open = true;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install SIGTERM handler")?;
     loop {
+        let accept = async {
+            match &listener {
+                Some((l, _)) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            acc = listener.accept() => {
+            acc = accept => {
                 let (stream, addr) = match acc {
                     Ok((s, a)) => (s, SocketAddr::new(a.ip().to_canonical(), a.port())),
                     Err(e) => { warn!("accept failed: {e}"); continue; }
@@ -127,36 +169,199 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
             line = input.recv(), if input_open => match line {
                 Some(Input::Line(l)) => match parse_line(&l) {
                     Command::Send(text) => broadcast(&shared.room, text).await,
-                    Command::Peers => {
-                        let members: Vec<String> = shared.room.lock().expect("room lock").values()
-                            .map(|m| format!("{} ({}) from {}", sanitize(&m.name), m.peer, m.addr)).collect();
-                        if members.is_empty() { console.print("no peers connected"); }
-                        for m in members { console.print(&m); }
+                    Command::Peers => list_peers(&shared),
+                    Command::Dial(target) => {
+                        next_id += 1;
+                        let (id, shared) = (next_id, shared.clone());
+                        tasks.spawn(async move {
+                            let d = match dial_target(&shared, &target, false).await {
+                                Ok(c) => open_chat(c).await,
+                                Err(e) => Err(e),
+                            };
+                            match d {
+                                Ok(d) => serve_dialed(id, d, shared, false).await,
+                                Err(e) => shared.console.notice(&format!("/dial {target}: {e}")),
+                            }
+                        });
                     }
                     Command::Quit => break,
                     Command::Help => console.print(HELP),
                     Command::Unknown(c) => console.print(&format!("unknown command {c}; {HELP}")),
                     Command::Nothing => {}
                 },
-                // A listener keeps serving after its input ends.
-                Some(Input::Eof) | None => input_open = false,
+                Some(Input::Eof) | None => {
+                    input_open = false;
+                    // A listener keeps serving after its input ends; a connector says goodbye.
+                    if listener.is_none() {
+                        for m in shared.room.lock().expect("room lock").values() {
+                            m.router.close(CloseCode::Normal, "bye");
+                        }
+                    }
+                }
             },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                if listener.is_none() && tasks.is_empty() {
+                    break;
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
     }
     // Tell every peer, then give the sessions a moment to flush the goodbye.
+    let why = if listener.is_some() {
+        "listener shutting down"
+    } else {
+        "bye"
+    };
     for m in shared.room.lock().expect("room lock").values() {
-        m.router
-            .close(CloseCode::Shutdown, "listener shutting down");
+        m.router.close(CloseCode::Shutdown, why);
     }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    eprintln!("listener stopped");
+    if let Some((_, Some(a))) = listener {
+        a.stop().await;
+        eprintln!("listener stopped");
+    } else if opts.listen.is_some() {
+        eprintln!("listener stopped");
+    }
+    if opts.dial.is_some() {
+        let first = shared.first_close.lock().expect("first_close lock").take();
+        return Ok(match first {
+            None | Some(CloseReason::Normal) => 0,
+            Some(reason @ CloseReason::PeerClosed(_)) => {
+                eprintln!("{reason}");
+                0
+            }
+            Some(other) => {
+                eprintln!("qssh: session ended: {other}");
+                crate::cli::EXIT_CONNECT
+            }
+        });
+    }
     Ok(0)
+}
+
+/// Binds, prints the banner and starts announcing.
+async fn start_listening(
+    identity: &Identity,
+    name: &str,
+    on: &ListenOn,
+) -> Result<(TcpListener, Option<Announcer>)> {
+    let listener = bind(on.bind, on.port).await?;
+    let local = listener.local_addr()?;
+    eprintln!(
+        "listening on {} as {} ({})",
+        match on.bind {
+            None => format!("port {} (all IPv4 and IPv6 addresses)", local.port()),
+            Some(_) => local.to_string(),
+        },
+        identity.peer_id(),
+        sanitize(name)
+    );
+    // Announcing an address we do not listen on would only mislead: not for loopback binds.
+    let announcer = if on.announce && !on.bind.is_some_and(|ip| ip.is_loopback()) {
+        let cfg = AnnouncerConfig::new(
+            identity.peer_id(),
+            name,
+            vec![ListenPort::tcp(local.port())],
+        );
+        match Announcer::start(cfg).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                warn!("not announcing on the LAN: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok((listener, announcer))
+}
+
+/// Resolves and dials `target` for the room. Only the command-line target may ask the
+/// trust-on-first-use question (a `/dial` runs beside the line editor).
+async fn dial_target(
+    shared: &Shared,
+    target: &str,
+    may_ask: bool,
+) -> Result<Connected, ConnectError> {
+    let t = resolve_target(target, shared.default_port, shared.identity.peer_id()).await?;
+    let c = dial(
+        &shared.home,
+        shared.identity.clone(),
+        DialOptions {
+            target: t,
+            accept_new: shared.accept_new,
+            ask: may_ask,
+            name: shared.name.clone(),
+            psk: shared.psk.clone(),
+        },
+    )
+    .await?;
+    let peer_id = c.peer.peer_id();
+    shared.console.notice(&format!(
+        "connected to {} ({}) at {} — {} identity, X25519+ML-KEM-768 handshake in {} ms",
+        sanitize(&c.peer_name),
+        peer_id.short(),
+        c.addr,
+        c.peer.algorithm().display_name(),
+        c.handshake_time.as_millis()
+    ));
+    Ok(c)
+}
+
+/// `/peers`: members now, then whoever announces on the LAN (looked up in the background).
+fn list_peers(shared: &Arc<Shared>) {
+    let (members, ids): (Vec<String>, Vec<PeerId>) = shared
+        .room
+        .lock()
+        .expect("room lock")
+        .values()
+        .map(|m| {
+            let dir = if m.outgoing { "to" } else { "from" };
+            (
+                format!(
+                    "connected: {} ({}) {dir} {}",
+                    sanitize(&m.name),
+                    m.peer,
+                    m.addr
+                ),
+                m.peer,
+            )
+        })
+        .unzip();
+    if members.is_empty() {
+        shared.console.print("connected: nobody");
+    }
+    for m in members {
+        shared.console.print(&m);
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut exclude = ids;
+        exclude.push(shared.identity.peer_id());
+        let opts = DiscoverOptions {
+            timeout: Duration::from_secs(1),
+            exclude,
+            ..DiscoverOptions::default()
+        };
+        match discover(&opts).await {
+            Ok(d) if d.peers.is_empty() => shared.console.print("on the LAN: nobody else"),
+            Ok(d) => {
+                for p in d.peers {
+                    shared
+                        .console
+                        .print(&format!("on the LAN: {}", sanitize(&p.line())));
+                }
+            }
+            Err(e) => shared
+                .console
+                .print(&format!("LAN discovery unavailable: {e}")),
+        }
+    });
 }
 
 async fn broadcast(room: &Room, text: String) {
@@ -182,8 +387,90 @@ async fn serve_peer(
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (handle, events, task) = spawn_session(stream, session);
-    let (router, mut incoming) = route(handle, events);
-    let mut who: Option<(PeerId, String)> = None;
+    let (router, incoming) = route(handle, events);
+    serve_session(id, addr, local, router, incoming, shared, None).await;
+    let _ = task.await;
+}
+
+/// A session we dialed, established and with its chat channel open.
+struct Dialed {
+    addr: SocketAddr,
+    c: Connected,
+    router: RouterHandle,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+    chat: Channel,
+}
+
+/// Opens the chat channel on a fresh dialed session, so lines typed from now on reach it.
+async fn open_chat(mut c: Connected) -> Result<Dialed, ConnectError> {
+    let addr = c.addr;
+    let (router, incoming) = route(c.handle.clone(), c.take_events());
+    let chat = router
+        .open(ChannelKind::Chat, b"")
+        .await
+        .map_err(|e| ConnectError::Trust(format!("cannot open chat: {e}")))?;
+    Ok(Dialed {
+        addr,
+        c,
+        router,
+        incoming,
+        chat,
+    })
+}
+
+/// Runs a dialed session as a room member until it ends.
+async fn serve_dialed(id: u64, d: Dialed, shared: Arc<Shared>, first: bool) {
+    let peer = d.c.peer.peer_id();
+    let name = d.c.peer_name.clone();
+    let (tx, rx) = d.chat.split();
+    shared.room.lock().expect("room lock").insert(
+        id,
+        Member {
+            name: name.clone(),
+            peer,
+            addr: d.addr,
+            router: d.router.clone(),
+            chat: Some(tx.clone()),
+            outgoing: true,
+        },
+    );
+    let chat = tokio::spawn(chat_member(
+        tx,
+        rx,
+        name.clone(),
+        peer,
+        shared.console.clone(),
+    ));
+    let reason = serve_session(
+        id,
+        d.addr,
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+        d.router,
+        d.incoming,
+        shared.clone(),
+        Some((peer, name)),
+    )
+    .await;
+    if first {
+        *shared.first_close.lock().expect("first_close lock") = reason;
+    }
+    chat.abort();
+    let _ = d.c.task.await;
+}
+
+/// Serves one session's requests under the policy until it ends; returns why it ended.
+#[allow(clippy::too_many_arguments)]
+async fn serve_session(
+    id: u64,
+    addr: SocketAddr,
+    local: SocketAddr,
+    router: RouterHandle,
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+    shared: Arc<Shared>,
+    mut who: Option<(PeerId, String)>,
+) -> Option<CloseReason> {
+    let outgoing = who.is_some();
+    let mut ended = None;
     while let Some(inc) = incoming.recv().await {
         match inc {
             Incoming::Established { peer, name } => {
@@ -197,11 +484,11 @@ async fn serve_peer(
                     continue;
                 }
                 let peer_id = peer.peer_id();
-                eprintln!(
+                shared.console.notice(&format!(
                     "{} ({}) connected from {addr}",
                     sanitize(&name),
                     peer_id.short()
-                );
+                ));
                 info!(peer = %peer_id, %addr, "session established");
                 shared.room.lock().expect("room lock").insert(
                     id,
@@ -211,6 +498,7 @@ async fn serve_peer(
                         addr,
                         router: router.clone(),
                         chat: None,
+                        outgoing: false,
                     },
                 );
                 who = Some((peer_id, name));
@@ -254,22 +542,27 @@ async fn serve_peer(
                         .handshake_done(false);
                     info!(%addr, "handshake failed: {reason}");
                 }
+                ended = Some(reason);
                 break;
             }
             Incoming::DatagramEpoch { .. } | Incoming::Pong(_) => {}
         }
     }
     if who.is_some() {
-        shared
-            .admission
-            .lock()
-            .expect("admission lock")
-            .session_done();
+        if !outgoing {
+            shared
+                .admission
+                .lock()
+                .expect("admission lock")
+                .session_done();
+        }
         if let Some(m) = shared.room.lock().expect("room lock").remove(&id) {
-            eprintln!("{} ({}) left", sanitize(&m.name), m.peer.short());
+            shared
+                .console
+                .notice(&format!("{} ({}) left", sanitize(&m.name), m.peer.short()));
         }
     }
-    let _ = task.await;
+    ended
 }
 
 /// Channel kinds other than chat, once authorized: each request is served by its own task,

@@ -13,12 +13,11 @@
 //! - We exit only after every output byte was written and the exit status arrived; any
 //!   failure to connect, authenticate or be authorized exits 255, as ssh does.
 
-use super::dial::{dial, ConnectError, DialOptions};
+use super::dial::{dial, resolve_target, ConnectError, DialOptions};
 use super::forward::{start_local, ForwardError, ForwardSpec, RemoteForwards};
 use super::pty::{window_size, RawTerminal};
 use super::router::{route, ChannelEvent, ChannelSender, Incoming, OpenError, RouterHandle};
 use super::store::{Home, StoreError};
-use super::target::Target;
 use crate::core::crypto::Secret32;
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::{Algorithm, Identity};
@@ -165,14 +164,15 @@ pub async fn run(home: &Home, opts: RemoteOptions) -> Result<i32, RemoteError> {
         }
     };
     let identity = load_identity(home)?;
-    let target = Target::parse(&opts.target, opts.default_port).map_err(ConnectError::from)?;
+    let target = resolve_target(&opts.target, opts.default_port, identity.peer_id()).await?;
     let peer = target.host_port();
-    let c = dial(
+    let mut c = dial(
         home,
         identity,
         DialOptions {
             target,
             accept_new: opts.accept_new,
+            ask: true,
             name: opts.name,
             psk: opts.psk,
         },
@@ -183,7 +183,7 @@ pub async fn run(home: &Home, opts: RemoteOptions) -> Result<i32, RemoteError> {
         c.peer.peer_id(),
         c.handshake_time.as_millis()
     );
-    let (router, mut incoming) = route(c.handle, c.events);
+    let (router, mut incoming) = route(c.handle.clone(), c.take_events());
     let reverse = RemoteForwards::default();
     for spec in opts.remote_forwards {
         reverse.request(&router, spec).await?;

@@ -3,16 +3,16 @@
 //! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
 //! something to do. Connection and authentication failures exit with 255, as ssh does.
 
-use crate::app::chat::{self, ConnectOptions};
 use crate::app::forward::ForwardSpec;
 use crate::app::keys::describe_identity;
-use crate::app::listener::{self, ListenOptions, Policy};
+use crate::app::listener::{self, ListenOn, ListenOptions, Policy};
 use crate::app::pty;
 use crate::app::shell::{self, Mode, RemoteOptions};
 use crate::app::store::Home;
 use crate::core::crypto::Secret32;
 use crate::core::identity::{Algorithm, PeerId};
 use crate::core::limits::PSK_LEN;
+use crate::net::discovery::{discover, DiscoverOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 /// Default TCP port of a listener.
 pub const DEFAULT_PORT: u16 = 22222;
+/// Longest `discover --timeout`.
+pub const MAX_DISCOVER_SECS: f64 = 600.0;
 /// Exit status for connection and authentication failures (as ssh).
 pub const EXIT_CONNECT: i32 = 255;
 
@@ -69,6 +71,9 @@ pub enum Command {
         /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
         #[arg(long, value_name = "FILE")]
         psk_file: Option<PathBuf>,
+        /// Do not announce this listener on the LAN (broadcast and mDNS).
+        #[arg(long)]
+        no_announce: bool,
         /// Authorize this peer for shell, exec and forwarding (repeatable), besides
         /// authorized_peers.
         #[arg(long = "allow", value_name = "PEERID")]
@@ -80,8 +85,24 @@ pub enum Command {
         #[arg(long)]
         no_forward: bool,
     },
+    /// List peers announcing themselves on the LAN (broadcast and mDNS).
+    Discover {
+        /// Seconds to listen.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only mDNS.
+        #[arg(long)]
+        no_broadcast: bool,
+        /// Only broadcast.
+        #[arg(long)]
+        no_mdns: bool,
+    },
     /// Connect to a peer: chat, or run CMD like ssh (`qssh connect TARGET -- CMD ARGS`), or
-    /// only forward ports with -N.
+    /// only forward ports with -N. TARGET: host, host:port, PEERID@host:port, or a name,
+    /// peer ID or ID prefix (8+ characters) found by LAN discovery.
     Connect {
         #[command(flatten)]
         peer: PeerArgs,
@@ -325,6 +346,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             port,
             name,
             psk_file,
+            no_announce,
             allow,
             no_shell,
             no_forward,
@@ -334,8 +356,14 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             listener::listen(
                 &home,
                 ListenOptions {
-                    bind,
-                    port,
+                    listen: Some(ListenOn {
+                        bind,
+                        port,
+                        announce: !no_announce,
+                    }),
+                    dial: None,
+                    default_port: DEFAULT_PORT,
+                    accept_new: false,
                     name: name.unwrap_or_else(default_name),
                     psk,
                     policy: Policy {
@@ -365,14 +393,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                         bail!("port forwarding needs -N or a command (chat carries no forwards); for a shell use `qssh shell`");
                     }
                     let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
-                    return chat::connect(
+                    return listener::listen(
                         &home,
-                        ConnectOptions {
-                            target: peer.target,
+                        ListenOptions {
+                            listen: None,
+                            dial: Some(peer.target),
                             default_port: peer.port.unwrap_or(DEFAULT_PORT),
                             accept_new: peer.accept_new,
                             name: peer.name.unwrap_or_else(default_name),
                             psk,
+                            policy: Policy::default(),
                         },
                     )
                     .await;
@@ -400,6 +430,37 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         } => {
             let home = open_home(&cli.home)?;
             remote(&home, peer, forwards, Mode::Exec(command), io).await
+        }
+        Command::Discover {
+            timeout,
+            json,
+            no_broadcast,
+            no_mdns,
+        } => {
+            if !(0.0..=MAX_DISCOVER_SECS).contains(&timeout) {
+                bail!("--timeout must be between 0 and {MAX_DISCOVER_SECS} seconds");
+            }
+            let home = open_home(&cli.home)?;
+            let own = home.load_identity().ok().map(|i| i.peer_id());
+            let d = discover(&DiscoverOptions {
+                timeout: std::time::Duration::from_secs_f64(timeout),
+                broadcast: !no_broadcast,
+                mdns: !no_mdns,
+                exclude: own.into_iter().collect(),
+                ..DiscoverOptions::default()
+            })
+            .await
+            .context("discovery failed")?;
+            for p in &d.peers {
+                println!("{}", if json { p.to_json() } else { p.line() });
+            }
+            for c in &d.conflicts {
+                eprintln!("warning: {c}");
+            }
+            if d.peers.is_empty() {
+                eprintln!("no peers found");
+            }
+            Ok(0)
         }
         Command::Forget { target } => {
             let home = open_home(&cli.home)?;
