@@ -220,3 +220,22 @@ fn refused_and_unreachable_are_exit_255() {
     );
     assert_eq!(out.status.code(), Some(255));
 }
+
+#[test]
+fn tt_runs_the_command_on_a_terminal_and_keeps_its_status() {
+    let p = Pair::new(true, &[]);
+    let t = p.listener.target();
+    // -t without a local terminal: no terminal (as ssh, with its warning); -tt forces one.
+    let out = run(&p.client, &["exec", "-t", &t, "test -t 0 || echo no-tty"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no-tty\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Pseudo-terminal will not be allocated"));
+    let out = run(
+        &p.client,
+        &["exec", "-tt", &t, "test -t 0 && tty && echo $TERM; exit 5"],
+    );
+    assert_eq!(out.status.code(), Some(5));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/dev/pts/"), "{text}");
+    // A terminal turns \n into \r\n, as with ssh -t.
+    assert!(text.contains("\r\n"), "{text:?}");
+}

@@ -33,9 +33,9 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-/// Bytes read from a command's stdout/stderr pipe per message (below glibc's mmap threshold,
-/// so per-message buffers come from the heap rather than from freshly faulted pages).
-pub const PIPE_READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from a command's stdout/stderr pipe per message (fewer, larger messages: each
+/// costs a driver round trip; 64 KiB measured ~10% more CPU per byte).
+pub const PIPE_READ_CHUNK: usize = 256 * 1024;
 /// Kernel buffer asked for the command's pipes (fewer wake-ups for bulk output).
 pub const CHILD_PIPE_SIZE: usize = 1 << 20;
 /// Bytes read from a PTY master per message.
