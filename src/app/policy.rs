@@ -3,8 +3,9 @@
 //! Chat is open to every authenticated peer. Shell, exec and forwarding are served only to
 //! peers listed in `$QSSH_HOME/authorized_peers` (read at every request, like sshd reads
 //! `authorized_keys`, so an edit takes effect without a restart) or given with `--allow`,
-//! and only as far as that peer's options and the listener's switches allow. The VPN is not
-//! served by this module's callers yet and is always refused.
+//! and only as far as that peer's options and the listener's switches allow. The VPN is
+//! opt-in: offered only with `listen --vpn`, and only to `--allow` peers or peers whose
+//! authorized_peers line has the `vpn` option.
 
 use super::store::{Home, PeerOptions};
 use crate::core::frame::ChannelKind;
@@ -26,6 +27,8 @@ pub enum Refusal {
     },
     #[error("{what} is not offered by this listener")]
     NotOffered { what: &'static str },
+    #[error("peer {peer} is not authorized for the VPN (no `vpn` option in the listener's authorized_peers)")]
+    NoVpnOption { peer: PeerId },
     #[error("the listener cannot read its authorized_peers file")]
     Unreadable,
 }
@@ -55,7 +58,7 @@ fn describe(kind: ChannelKind) -> (&'static str, &'static str) {
         ChannelKind::Shell => ("shell", "no-shell"),
         ChannelKind::Exec => ("exec", "no-exec"),
         ChannelKind::ForwardTcp | ChannelKind::ReverseForward => ("port forwarding", "no-forward"),
-        ChannelKind::Vpn => ("VPN", "vpn"),
+        ChannelKind::Vpn => ("the VPN", "vpn"),
     }
 }
 
@@ -100,6 +103,9 @@ impl Policy {
             return Err(Refusal::NotAuthorized { peer: *peer, what });
         };
         if !allowed(&options) {
+            if kind == ChannelKind::Vpn {
+                return Err(Refusal::NoVpnOption { peer: *peer });
+            }
             let option = if options.chat_only {
                 "chat-only"
             } else {

@@ -597,11 +597,17 @@ async fn remote(
 }
 
 fn print_identity(info: &crate::app::keys::IdentityInfo) {
-    println!("{}", info.peer_id);
-    println!("algorithm:   {}", info.algorithm_name);
-    println!("fingerprint: {}", info.fingerprint);
-    println!(
-        "sizes:       public key {} bytes, signature {} bytes",
-        info.public_key_len, info.signature_len
-    );
+    use std::io::Write;
+    // Ignore a closed pipe (`qssh id | head -1`): the first line already went out.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", info.peer_id)
+        .and_then(|()| writeln!(out, "algorithm:   {}", info.algorithm_name))
+        .and_then(|()| writeln!(out, "fingerprint: {}", info.fingerprint))
+        .and_then(|()| {
+            writeln!(
+                out,
+                "sizes:       public key {} bytes, signature {} bytes",
+                info.public_key_len, info.signature_len
+            )
+        });
 }
