@@ -1,3 +1,8 @@
 //! Tokio drivers that move the sans-IO core's bytes over real links.
 
+pub mod path;
+pub mod quic;
+pub mod relay;
+pub mod stun;
 pub mod tcp;
+pub mod udp;
