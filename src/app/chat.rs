@@ -6,7 +6,7 @@
 //! received message is one stdout line `NAME (SHORTID): TEXT`; at stdin EOF a connector closes
 //! the session after everything it sent was delivered and exits 0.
 
-use super::dial::{dial, ConnectError, DialOptions};
+use super::dial::{dial_with, ConnectError, DialOptions, Transport};
 use super::router::{route, ChannelEvent, ChannelSender, Incoming};
 use super::store::Home;
 use super::target::Target;
@@ -207,13 +207,15 @@ pub struct ConnectOptions {
     pub accept_new: bool,
     pub name: String,
     pub psk: Option<Secret32>,
+    /// TCP (default), QUIC over UDP, or through a relay.
+    pub transport: Transport,
 }
 
 /// `qssh connect`: chat with one peer.
 pub async fn connect(home: &Home, opts: ConnectOptions) -> Result<i32> {
     let identity = load_identity(home)?;
     let target = Target::parse(&opts.target, opts.default_port).map_err(ConnectError::from)?;
-    let c = dial(
+    let c = dial_with(
         home,
         identity,
         DialOptions {
@@ -222,18 +224,26 @@ pub async fn connect(home: &Home, opts: ConnectOptions) -> Result<i32> {
             name: opts.name,
             psk: opts.psk,
         },
+        opts.transport,
     )
     .await?;
     let peer_id = c.peer.peer_id();
     let peer_name = c.peer_name.clone();
+    let at = match &c.udp {
+        None => c.addr.to_string(),
+        Some(u) if u.relay.is_some() => format!("relay {} (QUIC)", c.addr),
+        Some(_) => format!("{} (QUIC)", c.addr),
+    };
     eprintln!(
         "connected to {} ({}) at {} — {} identity, X25519+ML-KEM-768 handshake in {} ms",
         sanitize(&peer_name),
         peer_id.short(),
-        c.addr,
+        at,
         c.peer.algorithm().display_name(),
         c.handshake_time.as_millis()
     );
+    // Keeps the UDP socket, QUIC endpoint and path agent alive with the session.
+    let _udp = c.udp;
     let (router, mut incoming) = route(c.handle, c.events);
     let chat = router
         .open(ChannelKind::Chat, b"")

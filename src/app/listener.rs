@@ -16,8 +16,11 @@ use crate::core::crypto::{OsRandom, Secret32};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::handshake::HandshakeConfig;
 use crate::core::identity::PeerId;
+use crate::core::limits::HANDSHAKE_TIMEOUT;
 use crate::core::session::{Session, SessionConfig};
-use crate::net::tcp::spawn_session;
+use crate::net::path::{host_candidates, Agent, AgentConfig, PathEvent};
+use crate::net::tcp::{spawn_session, Spawned};
+use crate::net::udp::UdpMux;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +38,11 @@ pub struct ListenOptions {
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
+    /// Register at this rendezvous/relay peer (`HOST:PORT`) so connectors can reach us by
+    /// peer ID from behind NATs.
+    pub relay: Option<String>,
+    /// STUN servers for our server-reflexive candidates.
+    pub stun: Vec<String>,
 }
 
 /// Which authenticated peers may open which channel kinds.
@@ -106,6 +114,41 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         identity.peer_id(),
         sanitize(&opts.name)
     );
+    // QUIC over UDP on the same port number (connect --udp, and relayed/punched peers).
+    let udp = bind_udp(opts.bind, local.port()).await;
+    let mut _keep_udp: Option<(UdpMux, Option<Agent>)> = None;
+    let endpoint = match udp {
+        Ok((mux, control)) => {
+            let ep = crate::net::quic::endpoint(&mux, true).context("cannot start QUIC")?;
+            eprintln!("UDP (QUIC) on port {}", mux.local_addr().port());
+            let agent = match &opts.relay {
+                Some(relay) => {
+                    let relay_addr = crate::app::dial::resolve(relay).await?;
+                    let mut candidates = host_candidates(&[relay_addr], mux.local_addr().port());
+                    candidates.extend(crate::app::dial::stun_candidates(&mux, &opts.stun).await);
+                    let (agent, events) = Agent::spawn(
+                        mux.clone(),
+                        control,
+                        AgentConfig {
+                            register_as: Some(identity.clone()),
+                            relay: Some(relay_addr),
+                            candidates,
+                        },
+                    );
+                    print_listener_path_events(events);
+                    Some(agent)
+                }
+                None => None,
+            };
+            _keep_udp = Some((mux, agent));
+            Some(ep)
+        }
+        Err(e) if opts.relay.is_none() => {
+            warn!("UDP disabled: {e:#}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let mut hs = HandshakeConfig::new(identity, &opts.name);
     hs.psk = opts.psk;
     let (console, mut input) = start_input();
@@ -137,7 +180,33 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                     Instant::now(),
                     Box::new(OsRandom),
                 );
-                tasks.spawn(serve_peer(next_id, stream, addr, session, shared.clone()));
+                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, shared.clone()));
+            }
+            inc = async { endpoint.as_ref().expect("guarded").accept().await }, if endpoint.is_some() => {
+                let Some(incoming) = inc else { continue };
+                let a = incoming.remote_address();
+                let addr = SocketAddr::new(a.ip().to_canonical(), a.port());
+                if let Err(why) = shared.admission.lock().expect("admission lock").admit(Instant::now(), addr.ip()) {
+                    info!(%addr, "refused QUIC connection: {why}");
+                    incoming.refuse();
+                    continue;
+                }
+                next_id += 1;
+                let session = Session::responder(
+                    SessionConfig { handshake: hs.clone(), expected_peer: None },
+                    Instant::now(),
+                    Box::new(OsRandom),
+                );
+                let (id, shared) = (next_id, shared.clone());
+                tasks.spawn(async move {
+                    match crate::net::quic::accept(incoming, HANDSHAKE_TIMEOUT).await {
+                        Ok(link) => serve_peer(id, crate::net::quic::spawn_session(link, session), addr, shared).await,
+                        Err(e) => {
+                            let _ = shared.admission.lock().expect("admission lock").handshake_done(false);
+                            info!(%addr, "QUIC connection failed: {e}");
+                        }
+                    }
+                });
             }
             line = input.recv(), if input_open => match line {
                 Some(Input::Line(l)) => match parse_line(&l) {
@@ -174,6 +243,37 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     Ok(0)
 }
 
+/// Binds the UDP socket for QUIC on `port` (the TCP port): `[::]` by default (IPv4 too),
+/// IPv4 if IPv6 is off, or `bind`.
+async fn bind_udp(
+    bind: Option<IpAddr>,
+    port: u16,
+) -> Result<(
+    UdpMux,
+    tokio::sync::mpsc::Receiver<crate::net::udp::Control>,
+)> {
+    match bind {
+        Some(ip) => UdpMux::bind(SocketAddr::new(ip, port), false)
+            .await
+            .with_context(|| format!("cannot bind UDP {}", SocketAddr::new(ip, port))),
+        None => match UdpMux::bind((std::net::Ipv6Addr::UNSPECIFIED, port).into(), false).await {
+            Ok(x) => Ok(x),
+            Err(_) => UdpMux::bind((std::net::Ipv4Addr::UNSPECIFIED, port).into(), false)
+                .await
+                .with_context(|| format!("cannot bind UDP port {port}")),
+        },
+    }
+}
+
+/// Shows path changes and relay registration on stderr.
+fn print_listener_path_events(mut events: tokio::sync::mpsc::UnboundedReceiver<PathEvent>) {
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            eprintln!("{e}");
+        }
+    });
+}
+
 async fn broadcast(room: &Room, text: String) {
     let targets: Vec<ChannelSender> = room
         .lock()
@@ -186,14 +286,8 @@ async fn broadcast(room: &Room, text: String) {
     }
 }
 
-async fn serve_peer(
-    id: u64,
-    stream: tokio::net::TcpStream,
-    addr: SocketAddr,
-    session: Session,
-    shared: Arc<Shared>,
-) {
-    let (handle, events, task) = spawn_session(stream, session);
+async fn serve_peer(id: u64, spawned: Spawned, addr: SocketAddr, shared: Arc<Shared>) {
+    let (handle, events, task) = spawned;
     let (router, mut incoming) = route(handle, events);
     let mut who: Option<(PeerId, String)> = None;
     while let Some(inc) = incoming.recv().await {

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod dial;
 pub mod keys;
 pub mod listener;
+pub mod netcmd;
 pub mod router;
 pub mod store;
 pub mod target;
