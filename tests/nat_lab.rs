@@ -41,11 +41,16 @@ fn peer_id(lab: &NatLab, home: &str) -> String {
         .to_string()
 }
 
+#[track_caller]
 fn ok<T>(r: Result<T, String>, p: &mut Proc) -> T {
-    r.unwrap_or_else(|e| {
-        let err = p.drain_err();
-        panic!("{e}\nstderr of {}:\n{err}", p.what)
-    })
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            let err = p.drain_err();
+            let out = p.drain_out();
+            panic!("{e}\nstderr of {}:\n{err}\nstdout:\n{out}", p.what)
+        }
+    }
 }
 
 /// relay + listener (side 0) + connector (side 1), connected and chatting.
@@ -129,6 +134,9 @@ fn chat(p: &mut Pair, tag: &str) {
     let m = format!("from-listener-{tag}");
     p.listener.send_line(&m);
     let r = p.connector.wait_out(|l| l.ends_with(&m), LINE_WAIT);
+    if r.is_err() {
+        eprintln!("listener stderr:\n{}", p.listener.drain_err());
+    }
     ok(r, &mut p.connector);
 }
 
@@ -144,11 +152,11 @@ fn matrix_case(listener: Nat, connector: Nat) {
     if punchable(listener, connector) {
         let r = p
             .connector
-            .wait_err(|l| l.starts_with("path: direct "), LINE_WAIT);
+            .seen_or_wait_err(|l| l.starts_with("path: direct "), LINE_WAIT);
         ok(r, &mut p.connector);
         let r = p
             .listener
-            .wait_err(|l| l.starts_with("path: direct "), LINE_WAIT);
+            .seen_or_wait_err(|l| l.starts_with("path: direct "), LINE_WAIT);
         ok(r, &mut p.listener);
         // Chat survives the switch from relayed to direct.
         chat(&mut p, "after-switch");

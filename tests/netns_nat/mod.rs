@@ -303,16 +303,24 @@ impl NatLab {
             };
             let rules = format!(
                 "table ip nat {{
-  chain pre {{ type nat hook prerouting priority -100; {dnat} }}
-  chain post {{ type nat hook postrouting priority 100; oifname \"wan\" ip saddr {lan_net}.0/24 {masq} }}
+  chain pre {{
+    type nat hook prerouting priority -100;
+    {dnat}
+  }}
+  chain post {{
+    type nat hook postrouting priority 100;
+    oifname \"wan\" ip saddr {lan_net}.0/24 {masq}
+  }}
 }}
 table ip filter {{
-  chain forward_c {{ type filter hook forward priority 0; policy drop;
+  chain forward_c {{
+    type filter hook forward priority 0; policy drop;
     iifname \"lan\" accept
     iifname \"wan\" ct state established,related accept
     {dnat_fwd}
   }}
-  chain input_c {{ type filter hook input priority 0; policy accept;
+  chain input_c {{
+    type filter hook input priority 0; policy accept;
     iifname \"wan\" ct state established,related accept
     iifname \"wan\" icmp type echo-request accept
     iifname \"wan\" drop
@@ -557,6 +565,18 @@ impl Proc {
         timeout: Duration,
     ) -> Result<String, String> {
         Self::wait_in(&self.err, &mut self.seen_err, &self.what, &pred, timeout)
+    }
+
+    /// Like [`Proc::wait_err`], but a line already read counts too.
+    pub fn seen_or_wait_err(
+        &mut self,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        if let Some(l) = self.seen_err.iter().find(|l| pred(l)) {
+            return Ok(l.clone());
+        }
+        self.wait_err(pred, timeout)
     }
 
     /// Waits for a stdout line matching `pred`.
