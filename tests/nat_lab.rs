@@ -289,3 +289,235 @@ fn nat_netcheck_classifies_each_nat() {
         );
     }
 }
+
+/// Path of an example binary of this package, built if missing.
+fn example(name: &str) -> String {
+    let exe = std::env::current_exe().expect("test executable");
+    let profile = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile dir");
+    let path = profile.join("examples").join(name);
+    if !path.exists() {
+        let mut b = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+        b.args(["build", "--quiet", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(t) = profile.parent() {
+            b.env("CARGO_TARGET_DIR", t);
+        }
+        if profile.file_name().is_some_and(|n| n == "release") {
+            b.arg("--release");
+        }
+        assert!(b.status().expect("cargo build").success());
+    }
+    path.to_string_lossy().into_owned()
+}
+
+/// Counts lines of `text` ending with `msg`.
+fn count(text: &str, msg: &str) -> usize {
+    text.lines().filter(|l| l.ends_with(msg)).count()
+}
+
+/// A direct path dies (packets between the two NATs dropped), then comes back, then both
+/// NATs forget every mapping (conntrack flushed): the session goes relayed, direct again, and
+/// survives the flush; every message arrives exactly once, in order.
+#[test]
+fn nat_recovery_path_dies_and_conntrack_flush() {
+    if !require_netns("nat_recovery_path_dies_and_conntrack_flush") {
+        return;
+    }
+    let lab = NatLab::new("r", &[Nat::PortRestricted, Nat::PortRestricted]);
+    let mut p = start_pair(&lab);
+    chat(&mut p, "before");
+    let r = p
+        .connector
+        .seen_or_wait_err(|l| l.starts_with("path: direct "), LINE_WAIT);
+    ok(r, &mut p.connector);
+    // Cut the direct path in the listener's router, both directions.
+    let router = lab.sides[0].router.clone().expect("router");
+    let other = lab.sides[1].wan;
+    let cut = lab.dir().join("cut.nft");
+    std::fs::write(
+        &cut,
+        format!(
+            "table ip cut {{\n chain c {{\n type filter hook forward priority -10;\n ip saddr {other} drop\n ip daddr {other} drop\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    netns_nat::run(&[
+        "ip",
+        "netns",
+        "exec",
+        &router,
+        "nft",
+        "-f",
+        cut.to_str().unwrap(),
+    ]);
+    // Messages keep flowing while the path dies and the session falls back to the relay.
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let m = format!("outage-{i}");
+        p.connector.send_line(&format!("c-{m}"));
+        p.listener.send_line(&format!("l-{m}"));
+        sent.push(m);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for m in &sent {
+        let r = p
+            .listener
+            .wait_out(|l| l.ends_with(&format!("c-{m}")), LINE_WAIT * 2);
+        ok(r, &mut p.listener);
+        let r = p
+            .connector
+            .wait_out(|l| l.ends_with(&format!("l-{m}")), LINE_WAIT * 2);
+        ok(r, &mut p.connector);
+    }
+    let r = p
+        .connector
+        .wait_err(|l| l.starts_with("path: relayed via "), LINE_WAIT);
+    ok(r, &mut p.connector);
+    // The path comes back: punched again.
+    netns_nat::run(&[
+        "ip", "netns", "exec", &router, "nft", "delete", "table", "ip", "cut",
+    ]);
+    let r = p
+        .connector
+        .wait_err(|l| l.starts_with("path: direct "), LINE_WAIT * 2);
+    ok(r, &mut p.connector);
+    chat(&mut p, "after-repunch");
+    // Every NAT mapping forgotten.
+    lab.flush_conntrack(0);
+    lab.flush_conntrack(1);
+    for i in 0..3 {
+        let m = format!("flush-{i}");
+        p.connector.send_line(&format!("c-{m}"));
+        p.listener.send_line(&format!("l-{m}"));
+        sent.push(m);
+    }
+    for m in &sent[5..] {
+        let r = p
+            .listener
+            .wait_out(|l| l.ends_with(&format!("c-{m}")), LINE_WAIT * 2);
+        ok(r, &mut p.listener);
+        let r = p
+            .connector
+            .wait_out(|l| l.ends_with(&format!("l-{m}")), LINE_WAIT * 2);
+        ok(r, &mut p.connector);
+    }
+    // Exactly once, in order.
+    std::thread::sleep(Duration::from_millis(500));
+    let lout = p.listener.drain_out();
+    let cout = p.connector.drain_out();
+    let mut last = (0, 0);
+    for m in &sent {
+        assert_eq!(
+            count(&lout, &format!("c-{m}")),
+            1,
+            "{m} at the listener:\n{lout}"
+        );
+        assert_eq!(
+            count(&cout, &format!("l-{m}")),
+            1,
+            "{m} at the connector:\n{cout}"
+        );
+        let lp = lout.find(&format!("c-{m}")).unwrap();
+        let cp = cout.find(&format!("l-{m}")).unwrap();
+        assert!(lp > last.0 && cp > last.1, "order of {m}");
+        last = (lp, cp);
+    }
+}
+
+/// The relay under attack: registering another peer's ID is refused, a flood of bogus
+/// registrations and lookups does not stop it serving a legitimate pair, and a capture of
+/// everything the relay sees never holds a chat message in the clear.
+#[test]
+fn nat_relay_refuses_hijack_survives_flood_and_sees_only_ciphertext() {
+    if !require_netns("nat_relay_refuses_hijack_survives_flood_and_sees_only_ciphertext") {
+        return;
+    }
+    // Symmetric on both sides: the whole session is relayed.
+    let lab = NatLab::new("s", &[Nat::Symmetric, Nat::Symmetric, Nat::Public]);
+    let pcap = lab.dir().join("relay.pcap");
+    let mut dump = lab.spawn(
+        &lab.relay_ns,
+        "tcpdump",
+        &[
+            "-i",
+            "wan",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            pcap.to_str().unwrap(),
+            "udp",
+        ],
+        &[],
+    );
+    let r = dump.wait_err(|l| l.contains("listening on"), LINE_WAIT);
+    ok(r, &mut dump);
+    let flood_tool = example("relay_flood");
+    let mut p = start_pair(&lab);
+    let relay = p.relay_addr.clone();
+    let lhome = lab.dir().join("lis");
+    let mut flood = lab.spawn(
+        &lab.sides[2].host,
+        &flood_tool,
+        &[&relay, lhome.to_str().unwrap(), "200000", "8"],
+        &[],
+    );
+    let r = flood.wait_out(|l| l.starts_with("hijack: "), LINE_WAIT);
+    let hijack = ok(r, &mut flood);
+    assert!(hijack.starts_with("hijack: refused 2 "), "{hijack}");
+    // Under the flood, the legitimate session works and new sessions are introduced.
+    let secret = "the-eagle-lands-at-midnight";
+    for i in 0..5 {
+        chat(&mut p, &format!("{secret}-{i}"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let lid = peer_id(&lab, &lhome.to_string_lossy());
+    let chome = home(&lab, "con2");
+    let (okay, out, err) = lab.output(
+        &lab.sides[1].host,
+        "env",
+        &[
+            &format!("QSSH_HOME={chome}"),
+            BIN,
+            "ping",
+            &lid,
+            "--relay",
+            &relay,
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+        ],
+        LINE_WAIT,
+    );
+    assert!(okay, "ping under flood failed:\n{out}\n{err}");
+    let r = flood.wait_out(|l| l.starts_with("flood: sent "), LINE_WAIT);
+    let sent = ok(r, &mut flood);
+    let n: usize = sent.trim_start_matches("flood: sent ").parse().unwrap();
+    assert!(n > 10_000, "{sent}");
+    // Stop the capture and look at every byte the relay saw.
+    std::thread::sleep(Duration::from_millis(300));
+    netns_nat::run(&["kill", "-INT", &dump.pid().to_string()]);
+    dump.wait(LINE_WAIT);
+    let bytes = std::fs::read(&pcap).unwrap();
+    assert!(
+        bytes.len() > 100_000,
+        "capture too small: {} bytes",
+        bytes.len()
+    );
+    // Positive control: the capture does hold what travels in the clear (the looked-up ID).
+    let id: qssh::core::identity::PeerId = lid.parse().unwrap();
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(has(id.as_bytes()), "capture misses the CONNECT's peer ID");
+    assert!(
+        !has(secret.as_bytes()),
+        "chat text seen in the clear at the relay"
+    );
+    assert!(
+        !has(b"from-connector"),
+        "chat text seen in the clear at the relay"
+    );
+}

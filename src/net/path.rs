@@ -172,9 +172,12 @@ impl Agent {
 enum Phase {
     /// Sending probes: `round` rounds done.
     Punching { round: u32 },
+    /// A direct path; `last_pong` is the last authenticated answer from it (liveness is a
+    /// round trip, so a path that works one way only is dead too).
     Direct {
         addr: SocketAddr,
         last_ping: Instant,
+        last_pong: Instant,
     },
     /// Punching gave up; try again at `retry`.
     Relayed { retry: Instant },
@@ -365,9 +368,12 @@ impl State {
                     self.ping(slot, key, addr).await;
                 }
             }
-            Phase::Direct { addr, last_ping } => {
-                let heard = self.mux.last_heard(addr);
-                if heard.is_none_or(|t| now.saturating_duration_since(t) > PATH_TIMEOUT) {
+            Phase::Direct {
+                addr,
+                last_ping,
+                last_pong,
+            } => {
+                if now.saturating_duration_since(last_pong) > PATH_TIMEOUT {
                     let (virt, relay) = (p.virt, p.relay);
                     p.phase = Phase::Punching { round: 0 };
                     p.next_round = now;
@@ -376,12 +382,13 @@ impl State {
                         .lock()
                         .expect("routes lock")
                         .set_direct(virt, None);
-                    warn!(slot, %addr, "direct path silent for {}s: back to the relay", PATH_TIMEOUT.as_secs());
+                    warn!(slot, %addr, "no answer on the direct path for {}s: back to the relay", PATH_TIMEOUT.as_secs());
                     self.emit(PathEvent::Relayed { virt, relay });
                 } else if now.saturating_duration_since(last_ping) >= PATH_KEEPALIVE {
                     p.phase = Phase::Direct {
                         addr,
                         last_ping: now,
+                        last_pong,
                     };
                     let key = p.key;
                     self.ping(slot, key, addr).await;
@@ -624,16 +631,24 @@ impl State {
                 if !p.txids.contains_key(&msg.txid) {
                     return;
                 }
-                if let Phase::Direct { addr, .. } = p.phase {
+                if let Phase::Direct {
+                    addr, last_ping, ..
+                } = p.phase
+                {
                     if addr == from {
-                        return;
+                        p.phase = Phase::Direct {
+                            addr,
+                            last_ping,
+                            last_pong: now,
+                        };
                     }
-                    // Keep the current direct path: it works.
+                    // Otherwise keep the current direct path: it works.
                     return;
                 }
                 p.phase = Phase::Direct {
                     addr: from,
                     last_ping: now,
+                    last_pong: now,
                 };
                 self.mux
                     .routes()
