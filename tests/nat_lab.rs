@@ -16,8 +16,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_qssh");
 const RELAY_PORT: &str = "22223";
 /// Bound on any single expected line.
 const LINE_WAIT: Duration = Duration::from_secs(20);
-/// Longest plain punching takes before it gives up (PUNCH_ROUNDS × PUNCH_INTERVAL) plus slack.
-const PUNCH_WAIT: Duration = Duration::from_secs(6);
+/// Longest punching takes before it gives up (plain punching, then birthday probing for
+/// cone ↔ symmetric: BIRTHDAY_DURATION) plus slack.
+const PUNCH_WAIT: Duration = Duration::from_secs(8);
 
 fn home(lab: &NatLab, name: &str) -> String {
     let d = lab.dir().join(name);
@@ -161,7 +162,8 @@ fn matrix_case(listener: Nat, connector: Nat) {
         // Chat survives the switch from relayed to direct.
         chat(&mut p, "after-switch");
     } else {
-        // Plain punching cannot work here: the session stays relayed and keeps working.
+        // Plain punching cannot work here: the session stays relayed (or birthday probing
+        // finds a direct path, cone ↔ symmetric) and keeps working.
         std::thread::sleep(PUNCH_WAIT);
         chat(&mut p, "still-relayed");
         let err = p.connector.drain_err();
@@ -170,6 +172,13 @@ fn matrix_case(listener: Nat, connector: Nat) {
             last.starts_with("path: relayed via ") || last.starts_with("path: direct "),
             "{err}"
         );
+        if listener == Nat::Symmetric && connector == Nat::Symmetric {
+            assert!(
+                last.starts_with("path: relayed via "),
+                "sym ↔ sym cannot be direct: {err}"
+            );
+        }
+        eprintln!("{name}: ended on {last}");
     }
     p.connector.stdin.take();
     assert!(

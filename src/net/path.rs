@@ -17,8 +17,8 @@ use crate::core::crypto::{OsRandom, SecureRandom};
 use crate::core::identity::{Identity, PeerId};
 use crate::core::labels::SIGN_RELAY_REGISTRATION;
 use crate::core::limits::{
-    MAX_CANDIDATES, PATH_KEEPALIVE, PATH_TIMEOUT, PUNCH_INTERVAL, PUNCH_ROUNDS,
-    REGISTRATION_REFRESH, REPUNCH_INTERVAL,
+    BIRTHDAY_DURATION, BIRTHDAY_PROBES, BIRTHDAY_SOCKETS, MAX_CANDIDATES, PATH_KEEPALIVE,
+    PATH_TIMEOUT, PUNCH_INTERVAL, PUNCH_ROUNDS, REGISTRATION_REFRESH, REPUNCH_INTERVAL,
 };
 use crate::core::relay::registration_message;
 use crate::core::rendezvous::{
@@ -26,7 +26,7 @@ use crate::core::rendezvous::{
     PUNCH_KEY_LEN,
 };
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -40,7 +40,13 @@ pub const RELAY_RETRY: Duration = Duration::from_millis(300);
 /// The agent's timer when nothing is being punched.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 /// Outstanding punch transaction ids remembered per peer.
-const MAX_TXIDS: usize = 256;
+const MAX_TXIDS: usize = 4096;
+/// Plain punching rounds before birthday probing starts, when exactly one side is hard.
+const BIRTHDAY_AFTER_ROUNDS: u32 = 25;
+/// The hard side re-probes from all its sockets this often ...
+const BIRTHDAY_HARD_INTERVAL: Duration = Duration::from_millis(400);
+/// ... and the easy side sends a batch of random-port probes this often.
+const BIRTHDAY_EASY_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A path change, for the application to show (`path: direct IP:PORT`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +141,7 @@ impl Agent {
             peers: HashMap::new(),
             connects: Vec::new(),
             reg: Registration::default(),
+            observed: None,
         };
         tokio::spawn(run(state, control, rx));
         (Agent { tx, routes }, erx)
@@ -176,8 +183,16 @@ enum Phase {
     /// round trip, so a path that works one way only is dead too).
     Direct {
         addr: SocketAddr,
+        via: usize,
         last_ping: Instant,
         last_pong: Instant,
+    },
+    /// Birthday probing until `until`: the easy (cone) side sprays probes at random ports of
+    /// `target` (the hard side's public IP); the hard (symmetric) side (`target` None) keeps
+    /// many mappings open by probing the easy side from many sockets.
+    Birthday {
+        until: Instant,
+        target: Option<IpAddr>,
     },
     /// Punching gave up; try again at `retry`.
     Relayed { retry: Instant },
@@ -191,6 +206,29 @@ struct Peer {
     phase: Phase,
     next_round: Instant,
     txids: HashMap<u64, SocketAddr>,
+    /// The peer's server-reflexive candidates.
+    peer_srflx: Vec<SocketAddr>,
+    birthday_tried: bool,
+    birthday_sockets: Vec<usize>,
+    birthday_sent: usize,
+}
+
+impl Peer {
+    /// The peer's NAT maps per destination if its server-reflexive candidates (seen by the
+    /// relay and by a STUN server) differ in port.
+    fn peer_hard(&self) -> Option<IpAddr> {
+        hard(&self.peer_srflx)
+    }
+}
+
+/// `Some(ip)` when `srflx` holds two mappings of one IP with different ports.
+fn hard(srflx: &[SocketAddr]) -> Option<IpAddr> {
+    srflx.iter().enumerate().find_map(|(i, a)| {
+        srflx[i + 1..]
+            .iter()
+            .any(|b| b.ip() == a.ip() && b.port() != a.port())
+            .then_some(a.ip())
+    })
 }
 
 #[derive(Default)]
@@ -220,6 +258,8 @@ struct State {
     peers: HashMap<u64, Peer>,
     connects: Vec<PendingConnect>,
     reg: Registration,
+    /// Our address as the relay sees it.
+    observed: Option<SocketAddr>,
 }
 
 async fn run(
@@ -274,7 +314,7 @@ impl State {
     fn next_deadline(&self, now: Instant) -> Instant {
         let mut next = now + IDLE_TICK;
         for p in self.peers.values() {
-            if matches!(p.phase, Phase::Punching { .. }) {
+            if matches!(p.phase, Phase::Punching { .. } | Phase::Birthday { .. }) {
                 next = next.min(p.next_round);
             }
         }
@@ -345,12 +385,31 @@ impl State {
     }
 
     async fn upkeep(&mut self, now: Instant, slot: u64) {
+        let me_hard = self.me_hard().is_some();
         let Some(p) = self.peers.get_mut(&slot) else {
             return;
         };
         match p.phase {
             Phase::Punching { round } => {
                 if now < p.next_round {
+                    return;
+                }
+                let peer_hard = p.peer_hard();
+                let one_hard = me_hard != peer_hard.is_some();
+                if one_hard && !p.birthday_tried && round >= BIRTHDAY_AFTER_ROUNDS {
+                    p.birthday_tried = true;
+                    p.next_round = now;
+                    p.phase = Phase::Birthday {
+                        until: now + BIRTHDAY_DURATION,
+                        target: if me_hard { None } else { peer_hard },
+                    };
+                    if me_hard {
+                        match self.mux.open_extra(BIRTHDAY_SOCKETS) {
+                            Ok(v) => p.birthday_sockets = v,
+                            Err(e) => warn!("birthday probing: cannot open sockets: {e}"),
+                        }
+                    }
+                    info!(slot, me_hard, "birthday probing");
                     return;
                 }
                 if round >= PUNCH_ROUNDS {
@@ -365,11 +424,54 @@ impl State {
                 let targets = p.candidates.clone();
                 let key = p.key;
                 for addr in targets {
-                    self.ping(slot, key, addr).await;
+                    self.ping(slot, key, addr, 0).await;
+                }
+            }
+            Phase::Birthday { until, target } => {
+                if now >= until {
+                    p.phase = Phase::Relayed {
+                        retry: now + REPUNCH_INTERVAL,
+                    };
+                    debug!(slot, "birthday probing found no path; staying relayed");
+                    return;
+                }
+                if now < p.next_round {
+                    return;
+                }
+                let key = p.key;
+                match target {
+                    // Easy side: a batch of random ports of the hard side's IP.
+                    Some(ip) => {
+                        p.next_round = now + BIRTHDAY_EASY_INTERVAL;
+                        let batches = (BIRTHDAY_DURATION.as_millis()
+                            / BIRTHDAY_EASY_INTERVAL.as_millis())
+                        .max(1) as usize;
+                        let batch = BIRTHDAY_PROBES.div_ceil(batches);
+                        let n = batch.min(BIRTHDAY_PROBES.saturating_sub(p.birthday_sent));
+                        p.birthday_sent += n;
+                        for _ in 0..n {
+                            let r: [u8; 2] = crate::core::crypto::random_array(&mut *self.rng);
+                            let port = 1024 + (u16::from_be_bytes(r) % (65535 - 1024 + 1));
+                            self.ping(slot, key, SocketAddr::new(ip, port), 0).await;
+                        }
+                    }
+                    // Hard side: every socket probes the easy side's mappings.
+                    None => {
+                        p.next_round = now + BIRTHDAY_HARD_INTERVAL;
+                        let socks = p.birthday_sockets.clone();
+                        let mut dests = p.peer_srflx.clone();
+                        dests.dedup();
+                        for via in socks {
+                            for d in &dests {
+                                self.ping(slot, key, *d, via).await;
+                            }
+                        }
+                    }
                 }
             }
             Phase::Direct {
                 addr,
+                via,
                 last_ping,
                 last_pong,
             } => {
@@ -387,11 +489,12 @@ impl State {
                 } else if now.saturating_duration_since(last_ping) >= PATH_KEEPALIVE {
                     p.phase = Phase::Direct {
                         addr,
+                        via,
                         last_ping: now,
                         last_pong,
                     };
                     let key = p.key;
-                    self.ping(slot, key, addr).await;
+                    self.ping(slot, key, addr, via).await;
                 }
             }
             Phase::Relayed { retry } => {
@@ -403,7 +506,20 @@ impl State {
         }
     }
 
-    async fn ping(&mut self, slot: u64, key: [u8; PUNCH_KEY_LEN], addr: SocketAddr) {
+    /// Our NAT maps per destination: the relay and a STUN server saw different ports.
+    fn me_hard(&self) -> Option<IpAddr> {
+        let mut srflx: Vec<SocketAddr> = self
+            .cfg
+            .candidates
+            .iter()
+            .filter(|c| c.kind == CandidateKind::ServerReflexive)
+            .map(|c| c.addr)
+            .collect();
+        srflx.extend(self.observed);
+        hard(&srflx)
+    }
+
+    async fn ping(&mut self, slot: u64, key: [u8; PUNCH_KEY_LEN], addr: SocketAddr, via: usize) {
         let txid = u64::from_be_bytes(crate::core::crypto::random_array(&mut *self.rng));
         if let Some(p) = self.peers.get_mut(&slot) {
             if p.txids.len() >= MAX_TXIDS {
@@ -417,7 +533,9 @@ impl State {
             txid,
         }
         .encode(&key);
-        self.send(&msg, addr).await;
+        if let Err(e) = self.mux.send_via(&msg, addr, via).await {
+            debug!("probe to {addr} via {via}: {e}");
+        }
     }
 
     /// A new peer on `slot`: route through the relay at once, start punching.
@@ -455,6 +573,14 @@ impl State {
                 phase: Phase::Punching { round: 0 },
                 next_round: now,
                 txids: HashMap::new(),
+                peer_srflx: candidates
+                    .iter()
+                    .filter(|c| c.kind == CandidateKind::ServerReflexive)
+                    .map(|c| SocketAddr::new(c.addr.ip().to_canonical(), c.addr.port()))
+                    .collect(),
+                birthday_tried: false,
+                birthday_sockets: Vec::new(),
+                birthday_sent: 0,
             },
         );
         self.emit(PathEvent::Relayed { virt, relay });
@@ -469,7 +595,7 @@ impl State {
                 };
                 self.handle_relay(now, c.from, msg).await;
             }
-            UdpKind::Punch => self.handle_punch(now, c.from, &c.payload).await,
+            UdpKind::Punch => self.handle_punch(now, c.from, c.via, &c.payload).await,
             _ => {}
         }
     }
@@ -510,6 +636,9 @@ impl State {
                     if let Err(e) = self.mux.send_to(&m.encode(), from).await {
                         debug!("send to {from}: {e}");
                     }
+                }
+                if is_reg_relay || self.observed.is_none() {
+                    self.observed = Some(observed);
                 }
                 debug!(%observed, "relay sees us as");
             }
@@ -585,7 +714,7 @@ impl State {
         }
     }
 
-    async fn handle_punch(&mut self, now: Instant, from: SocketAddr, payload: &[u8]) {
+    async fn handle_punch(&mut self, now: Instant, from: SocketAddr, via: usize, payload: &[u8]) {
         let Some(slot) = Punch::peek_slot(payload) else {
             return;
         };
@@ -611,7 +740,9 @@ impl State {
                     txid: msg.txid,
                 }
                 .encode(&key);
-                self.send(&pong, from).await;
+                if let Err(e) = self.mux.send_via(&pong, from, via).await {
+                    debug!("pong to {from}: {e}");
+                }
                 // The source is a candidate too (peer-reflexive): probe it back unless a
                 // direct path is already up.
                 let p = self.peers.get_mut(&slot).expect("peer exists");
@@ -623,7 +754,7 @@ impl State {
                         p.phase = Phase::Punching { round: 0 };
                         p.next_round = now;
                     }
-                    self.ping(slot, key, from).await;
+                    self.ping(slot, key, from, via).await;
                 }
             }
             punch_kind::PONG => {
@@ -632,12 +763,16 @@ impl State {
                     return;
                 }
                 if let Phase::Direct {
-                    addr, last_ping, ..
+                    addr,
+                    via: dvia,
+                    last_ping,
+                    ..
                 } = p.phase
                 {
-                    if addr == from {
+                    if addr == from && dvia == via {
                         p.phase = Phase::Direct {
                             addr,
+                            via,
                             last_ping,
                             last_pong: now,
                         };
@@ -647,6 +782,7 @@ impl State {
                 }
                 p.phase = Phase::Direct {
                     addr: from,
+                    via,
                     last_ping: now,
                     last_pong: now,
                 };
@@ -654,7 +790,7 @@ impl State {
                     .routes()
                     .lock()
                     .expect("routes lock")
-                    .set_direct(virt, Some(from));
+                    .set_direct_via(virt, Some(from), via);
                 self.emit(PathEvent::Direct { virt, addr: from });
             }
             _ => {}

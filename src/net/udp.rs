@@ -10,6 +10,9 @@
 //! therefore invisible to QUIC and to the qssh session inside it: nothing is interrupted.
 
 use crate::core::limits::{MAX_STUN_PENDING, MAX_UDP_PAYLOAD, QUIC_RECV_QUEUE};
+
+/// Extra sockets (birthday probing) one mux opens at most.
+pub const MAX_EXTRA_SOCKETS: usize = 1024;
 use crate::core::rendezvous::{classify, decode_relay_data, encode_relay_data, UdpKind};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -33,8 +36,10 @@ const CONTROL_QUEUE: usize = 1024;
 pub struct PeerRoute {
     /// Relay address and slot, when the peer is reachable through a relay.
     pub relay: Option<(SocketAddr, u64)>,
-    /// The punched direct address, when a direct path is up.
+    /// The punched direct address, when a direct path is up ...
     pub direct: Option<SocketAddr>,
+    /// ... and the socket it uses (0: the main socket; others: birthday-probing sockets).
+    pub via: usize,
     /// Addresses proven (by an authenticated punch probe) to be this peer's: QUIC packets
     /// from them are shown to quinn as coming from the virtual address.
     pub aliases: Vec<SocketAddr>,
@@ -75,6 +80,7 @@ impl Routes {
             PeerRoute {
                 relay: Some((canonical(relay), slot)),
                 direct: None,
+                via: 0,
                 aliases: Vec::new(),
             },
         );
@@ -84,11 +90,17 @@ impl Routes {
 
     /// Sends `virt`'s packets straight to `direct` from now on (`None`: through the relay).
     pub fn set_direct(&mut self, virt: SocketAddr, direct: Option<SocketAddr>) {
+        self.set_direct_via(virt, direct, 0);
+    }
+
+    /// Like [`Routes::set_direct`], through socket `via` of the mux.
+    pub fn set_direct_via(&mut self, virt: SocketAddr, direct: Option<SocketAddr>, via: usize) {
         if let Some(d) = direct {
             self.learn(virt, d);
         }
         if let Some(route) = self.peers.get_mut(&virt) {
             route.direct = direct.map(canonical);
+            route.via = via;
         }
     }
 
@@ -140,18 +152,20 @@ impl Routes {
     }
 
     /// Where a packet for `dest` really goes, and whether it must be wrapped for a slot.
-    fn resolve(&self, dest: SocketAddr) -> Option<(SocketAddr, Option<u64>)> {
+    fn resolve(&self, dest: SocketAddr) -> Option<(SocketAddr, Option<u64>, usize)> {
         match self.peers.get(&dest) {
             Some(PeerRoute {
-                direct: Some(d), ..
-            }) => Some((*d, None)),
+                direct: Some(d),
+                via,
+                ..
+            }) => Some((*d, None, *via)),
             Some(PeerRoute {
                 relay: Some((r, slot)),
                 ..
-            }) => Some((*r, Some(*slot))),
+            }) => Some((*r, Some(*slot), 0)),
             Some(_) => None,
             None if is_virtual(dest) => None,
-            None => Some((dest, None)),
+            None => Some((dest, None, 0)),
         }
     }
 }
@@ -160,6 +174,8 @@ impl Routes {
 #[derive(Debug)]
 pub struct Control {
     pub from: SocketAddr,
+    /// The socket it arrived on (0: main).
+    pub via: usize,
     pub kind: UdpKind,
     pub payload: Vec<u8>,
 }
@@ -180,6 +196,10 @@ type StunWaiters = HashMap<[u8; 12], oneshot::Sender<(SocketAddr, Vec<u8>)>>;
 
 struct Inner {
     socket: Arc<UdpSocket>,
+    /// Extra sockets (birthday probing), index `via - 1`; never closed while the mux lives.
+    extra: std::sync::RwLock<Vec<Arc<UdpSocket>>>,
+    quic_tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    control_tx: mpsc::Sender<Control>,
     local: SocketAddr,
     routes: Arc<Mutex<Routes>>,
     quic_rx: Mutex<mpsc::Receiver<(SocketAddr, Vec<u8>)>>,
@@ -222,7 +242,10 @@ impl UdpMux {
         let (qtx, qrx) = mpsc::channel(QUIC_RECV_QUEUE);
         let (ctx, crx) = mpsc::channel(CONTROL_QUEUE);
         let inner = Arc::new(Inner {
-            socket,
+            socket: socket.clone(),
+            extra: std::sync::RwLock::new(Vec::new()),
+            quic_tx: qtx.clone(),
+            control_tx: ctx.clone(),
             local,
             routes: Arc::new(Mutex::new(Routes::default())),
             quic_rx: Mutex::new(qrx),
@@ -232,7 +255,7 @@ impl UdpMux {
             relay_mode,
         });
         let id = MUX_IDS.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(recv_loop(Arc::downgrade(&inner), qtx, ctx, id));
+        tokio::spawn(recv_loop(Arc::downgrade(&inner), socket, 0, qtx, ctx, id));
         Ok((UdpMux { inner }, crx))
     }
 
@@ -259,6 +282,64 @@ impl UdpMux {
     /// Sends one payload as is.
     pub async fn send_to(&self, payload: &[u8], to: SocketAddr) -> io::Result<()> {
         self.inner.socket.send_to(payload, to).await.map(|_| ())
+    }
+
+    fn socket(&self, via: usize) -> Option<Arc<UdpSocket>> {
+        if via == 0 {
+            return Some(self.inner.socket.clone());
+        }
+        self.inner
+            .extra
+            .read()
+            .expect("extra lock")
+            .get(via - 1)
+            .cloned()
+    }
+
+    /// Sends one payload from socket `via` (0: main).
+    pub async fn send_via(&self, payload: &[u8], to: SocketAddr, via: usize) -> io::Result<()> {
+        let s = self
+            .socket(via)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such socket"))?;
+        s.send_to(payload, to).await.map(|_| ())
+    }
+
+    /// Extra sockets open so far.
+    pub fn extra_sockets(&self) -> usize {
+        self.inner.extra.read().expect("extra lock").len()
+    }
+
+    /// Opens `n` more sockets on ephemeral ports (for birthday probing: each gets its own NAT
+    /// mapping); returns their `via` indices. Their packets are demultiplexed like the main
+    /// socket's. At most [`MAX_EXTRA_SOCKETS`] in total.
+    pub fn open_extra(&self, n: usize) -> io::Result<Vec<usize>> {
+        let mut extra = self.inner.extra.write().expect("extra lock");
+        let n = n.min(MAX_EXTRA_SOCKETS.saturating_sub(extra.len()));
+        let bind = SocketAddr::new(
+            match self.inner.local {
+                SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            0,
+        );
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let std = std::net::UdpSocket::bind(bind)?;
+            std.set_nonblocking(true)?;
+            let s = Arc::new(UdpSocket::from_std(std)?);
+            extra.push(s.clone());
+            let via = extra.len();
+            tokio::spawn(recv_loop(
+                Arc::downgrade(&self.inner),
+                s,
+                via,
+                self.inner.quic_tx.clone(),
+                self.inner.control_tx.clone(),
+                u32::MAX,
+            ));
+            out.push(via);
+        }
+        Ok(out)
     }
 
     /// Sends `request` (a STUN message with transaction id `txid`) to `server`; the answer
@@ -292,13 +373,12 @@ impl UdpMux {
 
 async fn recv_loop(
     inner: std::sync::Weak<Inner>,
+    socket: Arc<UdpSocket>,
+    via: usize,
     quic: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     control: mpsc::Sender<Control>,
     id: u32,
 ) {
-    let Some(socket) = inner.upgrade().map(|i| i.socket.clone()) else {
-        return;
-    };
     let mut buf = vec![0u8; MAX_UDP_PAYLOAD];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -306,7 +386,7 @@ async fn recv_loop(
             // ICMP errors (port unreachable) surface here on Linux: not fatal.
             Err(e) => {
                 trace!(mux = id, "recv error: {e}");
-                if Arc::strong_count(&socket) <= 1 {
+                if inner.strong_count() == 0 {
                     return;
                 }
                 continue;
@@ -389,6 +469,7 @@ async fn recv_loop(
                 if control
                     .try_send(Control {
                         from,
+                        via,
                         kind,
                         payload: data.to_vec(),
                     })
@@ -465,20 +546,27 @@ impl AsyncUdpSocket for QuicSocket {
     fn try_send(&self, t: &Transmit) -> io::Result<()> {
         let dest = canonical(t.destination);
         let resolved = self.inner.routes.lock().expect("routes lock").resolve(dest);
-        let Some((to, slot)) = resolved else {
+        let Some((to, slot, via)) = resolved else {
             // A peer with no path at the moment: the packet is lost, QUIC retransmits.
             return Ok(());
         };
+        let socket = if via == 0 {
+            self.inner.socket.clone()
+        } else {
+            match self.inner.extra.read().expect("extra lock").get(via - 1) {
+                Some(s) => s.clone(),
+                None => return Ok(()),
+            }
+        };
         let r = match slot {
-            None => self.inner.socket.try_send_to(t.contents, to),
-            Some(slot) => self
-                .inner
-                .socket
-                .try_send_to(&encode_relay_data(slot, t.contents), to),
+            None => socket.try_send_to(t.contents, to),
+            Some(slot) => socket.try_send_to(&encode_relay_data(slot, t.contents), to),
         };
         match r {
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
+            // Only the main socket's writability is what quinn waits for; an extra socket's
+            // full buffer loses the packet (QUIC retransmits).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && via == 0 => Err(e),
             // Unreachable networks and the like: drop the packet as the network would.
             Err(e) => {
                 trace!("send to {to} failed: {e}");
@@ -548,17 +636,19 @@ mod tests {
         let v = r.add_relayed(relay, 42);
         assert!(is_virtual(v));
         assert_eq!(r.add_relayed(relay, 42), v, "same slot, same address");
-        assert_eq!(r.resolve(v), Some((relay, Some(42))));
+        assert_eq!(r.resolve(v), Some((relay, Some(42), 0)));
         let d: SocketAddr = "198.51.100.2:5000".parse().unwrap();
         r.set_direct(v, Some(d));
-        assert_eq!(r.resolve(v), Some((d, None)));
+        assert_eq!(r.resolve(v), Some((d, None, 0)));
         assert_eq!(r.by_direct.get(&d), Some(&v));
+        r.set_direct_via(v, Some(d), 3);
+        assert_eq!(r.resolve(v), Some((d, None, 3)));
         r.set_direct(v, None);
-        assert_eq!(r.resolve(v), Some((relay, Some(42))));
+        assert_eq!(r.resolve(v), Some((relay, Some(42), 0)));
         // The address stays a known alias for receiving.
         assert_eq!(r.peer_of(d), Some(v));
         // Plain addresses pass through; unknown virtual ones go nowhere.
-        assert_eq!(r.resolve(d), Some((d, None)));
+        assert_eq!(r.resolve(d), Some((d, None, 0)));
         let other: SocketAddr = "240.0.0.99:1".parse().unwrap();
         assert_eq!(r.resolve(other), None);
         r.remove(v);
