@@ -530,3 +530,181 @@ fn nat_relay_refuses_hijack_survives_flood_and_sees_only_ciphertext() {
         "chat text seen in the clear at the relay"
     );
 }
+
+/// Measurements for bench/punch.sh (ignored by default; run in release with --ignored
+/// --nocapture). Per NAT pairing: time from starting `connect` to the first chat message at
+/// the listener, and to the direct path. Then bulk throughput through the chat channel over
+/// the direct UDP path and over TCP in the same lab (public listener, port-restricted
+/// connector). Sizes: QSSH_BENCH_BYTES (default 1 GiB).
+#[test]
+#[ignore = "benchmark: bench/punch.sh runs it"]
+fn bench_punch() {
+    if !require_netns("bench_punch") {
+        return;
+    }
+    println!("| listener | connector | first message (ms) | direct path (ms) | final path |");
+    println!("|---|---|---|---|---|");
+    for l in Nat::ALL {
+        for c in Nat::ALL {
+            let lab = NatLab::new("b", &[l, c]);
+            let _stun = lab.start_stun();
+            let rhome = home(&lab, "relay");
+            let mut relay = lab.spawn(
+                &lab.relay_ns,
+                BIN,
+                &["relay", "--port", RELAY_PORT],
+                &[("QSSH_HOME", &rhome)],
+            );
+            ok(
+                relay.wait_err(|x| x.starts_with("relay on UDP"), LINE_WAIT),
+                &mut relay,
+            );
+            let relay_addr = format!("{}:{RELAY_PORT}", lab.relay_ip);
+            let (lhome, chome) = (home(&lab, "lis"), home(&lab, "con"));
+            let lid = peer_id(&lab, &lhome);
+            let stun = lab.stun();
+            let mut lis = lab.spawn(
+                &lab.sides[0].host,
+                BIN,
+                &[
+                    "listen",
+                    "--name",
+                    "lis",
+                    "--relay",
+                    &relay_addr,
+                    "--stun",
+                    &stun,
+                ],
+                &[("QSSH_HOME", &lhome)],
+            );
+            ok(
+                lis.wait_err(|x| x.starts_with("registered at relay"), LINE_WAIT),
+                &mut lis,
+            );
+            // Identity creation is not part of the measurement.
+            peer_id(&lab, &chome);
+            let t0 = std::time::Instant::now();
+            let mut con = lab.spawn(
+                &lab.sides[1].host,
+                BIN,
+                &[
+                    "connect",
+                    &lid,
+                    "--relay",
+                    &relay_addr,
+                    "--stun",
+                    &stun,
+                    "--name",
+                    "con",
+                ],
+                &[("QSSH_HOME", &chome)],
+            );
+            con.send_line("first");
+            ok(lis.wait_out(|x| x.ends_with("first"), LINE_WAIT), &mut lis);
+            let first = t0.elapsed();
+            let direct = con
+                .seen_or_wait_err(|x| x.starts_with("path: direct "), PUNCH_WAIT)
+                .ok()
+                .map(|_| t0.elapsed());
+            let err = con.drain_err();
+            let last = err
+                .lines()
+                .rfind(|x| x.starts_with("path: "))
+                .unwrap_or("?")
+                .to_string();
+            println!(
+                "| {:?} | {:?} | {:.1} | {} | {} |",
+                l,
+                c,
+                first.as_secs_f64() * 1e3,
+                direct.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1e3)),
+                last
+            );
+        }
+    }
+
+    // Bulk: chat channel over the direct UDP path vs over TCP, same lab.
+    let bytes: usize = std::env::var("QSSH_BENCH_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30);
+    let lab = NatLab::new("t", &[Nat::Public, Nat::PortRestricted]);
+    let _stun = lab.start_stun();
+    let rhome = home(&lab, "relay");
+    let mut relay = lab.spawn(
+        &lab.relay_ns,
+        BIN,
+        &["relay", "--port", RELAY_PORT],
+        &[("QSSH_HOME", &rhome)],
+    );
+    ok(
+        relay.wait_err(|x| x.starts_with("relay on UDP"), LINE_WAIT),
+        &mut relay,
+    );
+    let relay_addr = format!("{}:{RELAY_PORT}", lab.relay_ip);
+    let (lhome, chome) = (home(&lab, "lis"), home(&lab, "con"));
+    let lid = peer_id(&lab, &lhome);
+    let mut lis = lab.spawn(
+        &lab.sides[0].host,
+        BIN,
+        &["listen", "--name", "l", "--relay", &relay_addr],
+        &[("QSSH_HOME", &lhome)],
+    );
+    ok(
+        lis.wait_err(|x| x.starts_with("registered at relay"), LINE_WAIT),
+        &mut lis,
+    );
+    let line = "x".repeat(8000);
+    let lines = bytes / 8000;
+    let tcp_target = format!("{lid}@{}:22222", lab.sides[0].wan);
+    for (label, args) in [
+        (
+            "QUIC, direct UDP path",
+            vec![
+                "connect",
+                lid.as_str(),
+                "--relay",
+                relay_addr.as_str(),
+                "--name",
+                "c",
+            ],
+        ),
+        ("TCP", vec!["connect", tcp_target.as_str(), "--name", "c"]),
+    ] {
+        let mut con = lab.spawn(&lab.sides[1].host, BIN, &args, &[("QSSH_HOME", &chome)]);
+        ok(
+            con.wait_err(|x| x.starts_with("connected to "), LINE_WAIT),
+            &mut con,
+        );
+        if label.starts_with("QUIC") {
+            ok(
+                con.seen_or_wait_err(|x| x.starts_with("path: direct "), LINE_WAIT),
+                &mut con,
+            );
+        }
+        let mut stdin = con.stdin.take().expect("stdin");
+        let l2 = line.clone();
+        let t0 = std::time::Instant::now();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            for _ in 0..lines {
+                if writeln!(stdin, "{l2}").is_err() {
+                    return;
+                }
+            }
+        });
+        // One printed line per message.
+        let got = lis.read_out_lines(lines, Duration::from_secs(600));
+        let dt = t0.elapsed();
+        let _ = writer.join();
+        let payload = got * 8000;
+        println!(
+            "bulk {label}: {} MiB of chat payload in {:.2} s = {:.1} MiB/s",
+            payload >> 20,
+            dt.as_secs_f64(),
+            payload as f64 / (1 << 20) as f64 / dt.as_secs_f64()
+        );
+        assert!(payload > 0, "{label}: nothing arrived");
+        con.kill();
+    }
+}

@@ -621,6 +621,23 @@ impl Proc {
         }
     }
 
+    /// Reads `n` stdout lines (without keeping them), or fewer if `timeout` passes first;
+    /// returns how many were read.
+    pub fn read_out_lines(&mut self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut got = 0;
+        while got < n {
+            match self
+                .out
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(_) => got += 1,
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
