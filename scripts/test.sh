@@ -24,7 +24,10 @@ step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
 step "cargo test (unit, property, loopback, namespaces)"
-cargo test --locked --all-targets -- --test-threads=2
+cargo test --locked --lib --bins --tests --examples -- --test-threads=2
+
+step "benchmarks, once each in test mode"
+cargo test --locked --bench core --bench datagram
 
 step "fuzz smoke run"
 bash fuzz/smoke.sh

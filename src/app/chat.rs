@@ -6,15 +6,10 @@
 //! received message is one stdout line `NAME (SHORTID): TEXT`; at stdin EOF a connector closes
 //! the session after everything it sent was delivered and exits 0.
 
-use super::dial::{dial_with, ConnectError, DialOptions, Transport};
-use super::router::{route, ChannelEvent, ChannelSender, Incoming};
+use super::router::ChannelSender;
 use super::store::Home;
-use super::target::Target;
-use crate::core::crypto::Secret32;
-use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::{Algorithm, Identity, PeerId};
 use crate::core::limits::MAX_CHAT_MESSAGE;
-use crate::core::session::CloseReason;
 use anyhow::Result;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
@@ -32,22 +27,43 @@ pub fn format_message(name: &str, peer: &PeerId, text: &str) -> String {
     format!("{} ({}): {}", sanitize(name), peer.short(), sanitize(text))
 }
 
+type Printer = Box<dyn rustyline::ExternalPrinter + Send>;
+
 /// Where output goes: above a rustyline prompt on a terminal, plain stdout otherwise.
-#[derive(Clone)]
+/// Cheap to clone; [`start_input`] attaches the prompt's printer to every clone at once.
+#[derive(Clone, Default)]
 pub struct Console {
-    printer: Option<Arc<Mutex<Box<dyn rustyline::ExternalPrinter + Send>>>>,
+    printer: Arc<Mutex<Option<Printer>>>,
 }
 
 impl Console {
+    pub fn plain() -> Self {
+        Console::default()
+    }
+
+    fn has_prompt(&self) -> bool {
+        self.printer.lock().is_ok_and(|p| p.is_some())
+    }
+
     pub fn print(&self, line: &str) {
-        if let Some(p) = &self.printer {
-            if let Ok(mut p) = p.lock() {
+        if let Ok(mut p) = self.printer.lock() {
+            if let Some(p) = p.as_mut() {
                 if p.print(format!("{line}\n")).is_ok() {
                     return;
                 }
             }
         }
         println!("{line}");
+    }
+
+    /// A status line: above the prompt on a terminal, on stderr otherwise (stdout carries
+    /// only messages, for scripts).
+    pub fn notice(&self, line: &str) {
+        if self.has_prompt() {
+            self.print(line);
+        } else {
+            eprintln!("{line}");
+        }
     }
 }
 
@@ -57,21 +73,19 @@ pub enum Input {
     Eof,
 }
 
-/// Starts reading user input: rustyline on a terminal, lines of stdin otherwise.
-pub fn start_input() -> (Console, mpsc::UnboundedReceiver<Input>) {
+/// Starts reading user input: rustyline on a terminal (its printer is attached to
+/// `console`), lines of stdin otherwise.
+pub fn start_input(console: &Console) -> mpsc::UnboundedReceiver<Input> {
     let (tx, rx) = mpsc::unbounded_channel();
     if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         let (ptx, prx) = std::sync::mpsc::channel();
         std::thread::spawn(move || readline_loop(tx, ptx));
         if let Ok(Some(printer)) = prx.recv() {
-            return (
-                Console {
-                    printer: Some(Arc::new(Mutex::new(printer))),
-                },
-                rx,
-            );
+            if let Ok(mut p) = console.printer.lock() {
+                *p = Some(printer);
+            }
         }
-        return (Console { printer: None }, rx);
+        return rx;
     }
     tokio::spawn(async move {
         use tokio::io::AsyncBufReadExt;
@@ -83,10 +97,10 @@ pub fn start_input() -> (Console, mpsc::UnboundedReceiver<Input>) {
         }
         let _ = tx.send(Input::Eof);
     });
-    (Console { printer: None }, rx)
+    rx
 }
 
-type PrinterTx = std::sync::mpsc::Sender<Option<Box<dyn rustyline::ExternalPrinter + Send>>>;
+type PrinterTx = std::sync::mpsc::Sender<Option<Printer>>;
 
 fn readline_loop(tx: mpsc::UnboundedSender<Input>, printer: PrinterTx) {
     use rustyline::error::ReadlineError;
@@ -97,7 +111,7 @@ fn readline_loop(tx: mpsc::UnboundedSender<Input>, printer: PrinterTx) {
     let p = rl
         .create_external_printer()
         .ok()
-        .map(|p| Box::new(p) as Box<dyn rustyline::ExternalPrinter + Send>);
+        .map(|p| Box::new(p) as Printer);
     let _ = printer.send(p);
     loop {
         match rl.readline("> ") {
@@ -165,12 +179,13 @@ pub(crate) async fn send_line(chat: &ChannelSender, mut text: String) {
     let _ = chat.send(text.into_bytes()).await;
 }
 
-pub(crate) const HELP: &str = "commands: /peers (list connected peers), /quit (leave), /help";
+pub(crate) const HELP: &str = "commands: /peers (connected and LAN peers), /dial NAME|PEERID|ADDR, /quit, /help (start a line with // to send a literal /)";
 
 /// What a chat-line command asks for.
 pub(crate) enum Command {
     Send(String),
     Peers,
+    Dial(String),
     Quit,
     Help,
     Unknown(String),
@@ -183,6 +198,9 @@ pub(crate) fn parse_line(line: &str) -> Command {
         "/quit" | "/exit" => Command::Quit,
         "/peers" => Command::Peers,
         "/help" | "/?" => Command::Help,
+        d if d.starts_with("/dial ") && !d[6..].trim().is_empty() => {
+            Command::Dial(d[6..].trim().to_string())
+        }
         s if s.starts_with('/') && !s.starts_with("//") => Command::Unknown(s.to_string()),
         "" => Command::Nothing,
         _ => Command::Send(t.strip_prefix('/').unwrap_or(t).to_string()),
@@ -199,110 +217,4 @@ pub(crate) fn load_identity(home: &Home) -> Result<Arc<Identity>> {
         );
     }
     Ok(Arc::new(loaded.identity))
-}
-
-pub struct ConnectOptions {
-    pub target: String,
-    pub default_port: u16,
-    pub accept_new: bool,
-    pub name: String,
-    pub psk: Option<Secret32>,
-    /// TCP (default), QUIC over UDP, or through a relay.
-    pub transport: Transport,
-}
-
-/// `qssh connect`: chat with one peer.
-pub async fn connect(home: &Home, opts: ConnectOptions) -> Result<i32> {
-    let identity = load_identity(home)?;
-    let target = Target::parse(&opts.target, opts.default_port).map_err(ConnectError::from)?;
-    let c = dial_with(
-        home,
-        identity,
-        DialOptions {
-            target,
-            accept_new: opts.accept_new,
-            name: opts.name,
-            psk: opts.psk,
-        },
-        opts.transport,
-    )
-    .await?;
-    let peer_id = c.peer.peer_id();
-    let peer_name = c.peer_name.clone();
-    let at = match &c.udp {
-        None => c.addr.to_string(),
-        Some(u) if u.relay.is_some() => format!("relay {} (QUIC)", c.addr),
-        Some(_) => format!("{} (QUIC)", c.addr),
-    };
-    eprintln!(
-        "connected to {} ({}) at {} — {} identity, X25519+ML-KEM-768 handshake in {} ms",
-        sanitize(&peer_name),
-        peer_id.short(),
-        at,
-        c.peer.algorithm().display_name(),
-        c.handshake_time.as_millis()
-    );
-    // Keeps the UDP socket, QUIC endpoint and path agent alive with the session.
-    let _udp = c.udp;
-    let (router, mut incoming) = route(c.handle, c.events);
-    let chat = router
-        .open(ChannelKind::Chat, b"")
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open chat: {e}"))?;
-    let (tx, mut chat_events) = chat.split();
-    let (console, mut input) = start_input();
-    let mut input_open = true;
-    let mut lines = LineBuffer::default();
-    loop {
-        tokio::select! {
-            ev = chat_events.recv() => match ev {
-                Some(ChannelEvent::Data(data)) => {
-                    tx.consumed(data.len());
-                    for text in lines.push(&data) {
-                        console.print(&format_message(&peer_name, &peer_id, &text));
-                    }
-                }
-                Some(ChannelEvent::Eof) => {}
-                // The session's own Closed (below) says how it ended.
-                Some(ChannelEvent::Closed { .. }) | None => {}
-            },
-            inc = incoming.recv() => match inc {
-                Some(Incoming::Request { ch, .. }) => {
-                    router.reject(ch, CloseCode::Unsupported, "a connector offers no services");
-                }
-                Some(Incoming::Closed(reason)) => {
-                    return Ok(match reason {
-                        CloseReason::Normal => 0,
-                        CloseReason::PeerClosed(_) => {
-                            eprintln!("{reason}");
-                            0
-                        }
-                        other => {
-                            eprintln!("qssh: session ended: {other}");
-                            crate::cli::EXIT_CONNECT
-                        }
-                    });
-                }
-                Some(_) => {}
-                None => return Ok(crate::cli::EXIT_CONNECT),
-            },
-            line = input.recv(), if input_open => match line {
-                Some(Input::Line(l)) => match parse_line(&l) {
-                    Command::Send(text) => send_line(&tx, text).await,
-                    Command::Peers => console.print(&format!("connected: {} ({peer_id})", sanitize(&peer_name))),
-                    Command::Quit => {
-                        input_open = false;
-                        router.close(CloseCode::Normal, "bye");
-                    }
-                    Command::Help => console.print(HELP),
-                    Command::Unknown(c) => console.print(&format!("unknown command {c}; {HELP}")),
-                    Command::Nothing => {}
-                },
-                Some(Input::Eof) | None => {
-                    input_open = false;
-                    router.close(CloseCode::Normal, "bye");
-                }
-            },
-        }
-    }
 }

@@ -130,20 +130,46 @@ pub async fn run() -> Result<i32> {
         matches!(e, Event::ChannelAccepted { .. }).then_some(())
     })
     .await?;
-    for (who, text) in CONVERSATION {
-        let (tx, txch, rx): (&SessionHandle, u32, &mut UnboundedReceiver<Event>) =
-            if *who == "alice" {
-                (&ah, ach, &mut bev)
-            } else {
-                (&bh, bch, &mut aev)
-            };
+    // A pause longer than DH_RATCHET_MIN_INTERVAL between turns, so every turn steps the DH
+    // ratchet (faster exchanges share a chain: that is the rate limit at work).
+    let turn_gap = crate::core::limits::DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
+    let extra: Vec<(&str, String)> = (0..2 * crate::core::limits::PQ_RATCHET_EVERY_STEPS + 2)
+        .map(|i| {
+            let who = if i % 2 == 0 { "alice" } else { "bob" };
+            (who, format!("turn {i}"))
+        })
+        .collect();
+    let script = CONVERSATION
+        .iter()
+        .map(|(w, t)| (*w, t.to_string(), true))
+        .chain(extra.into_iter().map(|(w, t)| (w, t, false)));
+    for (who, text, show) in script {
+        tokio::time::sleep(turn_gap).await;
+        let (tx, txch, rx): (&SessionHandle, u32, &mut UnboundedReceiver<Event>) = if who == "alice"
+        {
+            (&ah, ach, &mut bev)
+        } else {
+            (&bh, bch, &mut aev)
+        };
         tx.send(txch, format!("{text}\n").into_bytes()).await?;
         let got = wait_for(rx, |e| match e {
             Event::Data { data, .. } => Some(String::from_utf8_lossy(data).trim_end().to_string()),
             _ => None,
         })
         .await?;
-        println!("   {who:>5}: {got}");
+        if show {
+            println!("   {who:>5}: {got}");
+        }
+    }
+    println!(
+        "   ... and {} more short turns",
+        2 * crate::core::limits::PQ_RATCHET_EVERY_STEPS + 2
+    );
+    if let Some((st, Some(r))) = ah.stats().await {
+        println!(
+            "\n   alice sent {} records ({} bytes); her ratchet made {} X25519 steps, saw {} of bob's,\n   and completed {} ML-KEM-768 steps (a fresh post-quantum secret in the root key each time)",
+            st.records_sent, st.bytes_sent, r.dh_steps, r.peer_dh_steps, r.pq_steps_completed
+        );
     }
     ah.close(CloseCode::Normal, "demo over");
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

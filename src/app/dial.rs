@@ -43,6 +43,8 @@ pub enum ConnectError {
     Session(CloseReason),
     #[error("{0}")]
     Trust(String),
+    #[error("{0}")]
+    Discovery(#[from] crate::core::announce::ResolveError),
     #[error("QUIC to {addr}: {reason}")]
     Udp { addr: String, reason: String },
     #[error("{0}")]
@@ -85,9 +87,62 @@ impl UdpLink {
     }
 }
 
+/// How long `connect NAME` listens for announcements before choosing.
+pub const CONNECT_DISCOVERY_TIMEOUT: Duration = Duration::from_millis(1200);
+
+/// Turns what the user typed into a target: a bare word is looked up by LAN discovery first
+/// (exact peer ID, unique prefix of at least 8 characters, or unique name — the announced ID
+/// is then pinned); anything else, or a word nobody announces, is a host.
+pub async fn resolve_target(
+    s: &str,
+    default_port: u16,
+    own: crate::core::identity::PeerId,
+) -> Result<Target, ConnectError> {
+    use crate::core::announce::ResolveError;
+    use crate::net::discovery::{discover_until, DiscoverOptions};
+    if Target::may_be_discovered(s) {
+        let opts = DiscoverOptions {
+            timeout: CONNECT_DISCOVERY_TIMEOUT,
+            exclude: vec![own],
+            ..DiscoverOptions::default()
+        };
+        let exact = s.trim().parse::<crate::core::identity::PeerId>().ok();
+        // Only an exact ID may stop early: a clashing name can still arrive later.
+        let found = discover_until(&opts, |peers| {
+            exact.is_some_and(|id| peers.iter().any(|p| p.peer_id == id))
+        })
+        .await;
+        match found {
+            Ok(d) => match d.resolve(s) {
+                Ok(p) => {
+                    return Ok(Target {
+                        peer: Some(p.peer_id),
+                        host: p.name.clone(),
+                        port: p.addrs.first().map_or(default_port, |a| a.port()),
+                        addrs: p.addrs.clone(),
+                    })
+                }
+                Err(ResolveError::NotFound(_)) | Err(ResolveError::PrefixTooShort { .. }) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => tracing::debug!("discovery unavailable: {e}"),
+        }
+        if exact.is_some() {
+            return Err(ConnectError::Trust(format!(
+                "no peer with ID {} announced itself on this network: give its address as {}@HOST[:PORT]",
+                s.trim(),
+                s.trim()
+            )));
+        }
+    }
+    Ok(Target::parse(s, default_port)?)
+}
+
 pub struct DialOptions {
     pub target: Target,
     pub accept_new: bool,
+    /// May ask the trust-on-first-use question on the terminal (not while a line editor runs).
+    pub ask: bool,
     pub name: String,
     pub psk: Option<Secret32>,
 }
@@ -95,14 +150,23 @@ pub struct DialOptions {
 /// An established session from the connecting side.
 pub struct Connected {
     pub handle: SessionHandle,
-    pub events: mpsc::UnboundedReceiver<Event>,
+    events: Option<mpsc::UnboundedReceiver<Event>>,
     pub peer: PublicIdentity,
     pub peer_name: String,
     pub addr: std::net::SocketAddr,
     pub handshake_time: Duration,
     pub task: tokio::task::JoinHandle<()>,
-    /// Set when the session runs over QUIC/UDP.
+    /// Set when the session runs over QUIC/UDP (keeps socket, endpoint and path agent alive).
     pub udp: Option<UdpLink>,
+}
+
+impl Connected {
+    /// The session's remaining events (everything after Established). Taken once.
+    pub fn take_events(&mut self) -> mpsc::UnboundedReceiver<Event> {
+        self.events
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1)
+    }
 }
 
 /// Resolves `host:port` (first address).
@@ -285,13 +349,17 @@ pub async fn dial(
     opts: DialOptions,
 ) -> Result<Connected, ConnectError> {
     let t = &opts.target;
-    let addrs: Vec<_> = tokio::net::lookup_host((t.host.as_str(), t.port))
-        .await
-        .map_err(|source| ConnectError::Resolve {
-            host: t.host.clone(),
-            source,
-        })?
-        .collect();
+    let addrs: Vec<_> = if t.addrs.is_empty() {
+        tokio::net::lookup_host((t.host.as_str(), t.port))
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                host: t.host.clone(),
+                source,
+            })?
+            .collect()
+    } else {
+        t.addrs.clone()
+    };
     let mut last = String::from("no addresses");
     let mut stream = None;
     for addr in &addrs {
@@ -331,10 +399,16 @@ async fn establish(
     udp: Option<UdpLink>,
 ) -> Result<Connected, ConnectError> {
     let (handle, mut events, task) = spawned;
+    // Time spent waiting for the user's answer is not handshake time.
+    let mut asked = Duration::ZERO;
     while let Some(ev) = events.recv().await {
         match ev {
             Event::VerifyPeer { peer, name } => {
-                match decide_trust(home, host_port, &peer, &name, opts.accept_new).await {
+                let t0 = Instant::now();
+                let decision =
+                    decide_trust(home, host_port, &peer, &name, opts.accept_new, opts.ask).await;
+                asked = t0.elapsed();
+                match decision {
                     Ok(()) => handle.accept_peer(true),
                     Err(e) => {
                         handle.accept_peer(false);
@@ -345,11 +419,11 @@ async fn establish(
             Event::Established { peer, name, .. } => {
                 return Ok(Connected {
                     handle,
-                    events,
+                    events: Some(events),
                     peer,
                     peer_name: name,
                     addr,
-                    handshake_time: started.elapsed(),
+                    handshake_time: started.elapsed().saturating_sub(asked),
                     task,
                     udp,
                 });
@@ -367,6 +441,7 @@ async fn decide_trust(
     peer: &PublicIdentity,
     name: &str,
     accept_new: bool,
+    ask: bool,
 ) -> Result<(), ConnectError> {
     let id = peer.peer_id();
     let status = home
@@ -392,7 +467,7 @@ async fn decide_trust(
         );
         return Ok(());
     }
-    if !std::io::stdin().is_terminal() {
+    if !ask || !std::io::stdin().is_terminal() {
         return Err(ConnectError::Trust(format!(
             "peer at {host_port} is unknown (ID {id}, fingerprint {}); refusing without a terminal to ask: pass --accept-new, or pin it as {id}@{host_port}",
             id.fingerprint()
@@ -406,7 +481,7 @@ async fn decide_trust(
         peer.algorithm().display_name(),
         id.fingerprint()
     );
-    let answer = tokio::task::spawn_blocking(move || ask(&question))
+    let answer = tokio::task::spawn_blocking(move || ask_terminal(&question))
         .await
         .unwrap_or(None);
     match answer.as_deref().map(str::trim) {
@@ -425,7 +500,7 @@ async fn decide_trust(
 }
 
 /// Asks on the controlling terminal (like ssh), falling back to stdin/stderr.
-fn ask(question: &str) -> Option<String> {
+fn ask_terminal(question: &str) -> Option<String> {
     let mut line = String::new();
     if let Ok(tty) = std::fs::OpenOptions::new()
         .read(true)

@@ -9,15 +9,18 @@ use super::chat::{
     format_message, load_identity, parse_line, sanitize, send_line, start_input, Command, Console,
     Input, LineBuffer, HELP,
 };
+use super::dial::{dial_with, resolve_target, ConnectError, Connected, DialOptions, Transport};
 use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
 use crate::core::admission::Admission;
+use crate::core::announce::ListenPort;
 use crate::core::crypto::{OsRandom, Secret32};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::handshake::HandshakeConfig;
-use crate::core::identity::PeerId;
+use crate::core::identity::{Identity, PeerId};
 use crate::core::limits::HANDSHAKE_TIMEOUT;
-use crate::core::session::{Session, SessionConfig};
+use crate::core::session::{CloseReason, Session, SessionConfig};
+use crate::net::discovery::{discover, Announcer, AnnouncerConfig, DiscoverOptions};
 use crate::net::path::{host_candidates, Agent, AgentConfig, PathEvent};
 use crate::net::tcp::{spawn_session, Spawned};
 use crate::net::udp::UdpMux;
@@ -32,17 +35,33 @@ use tracing::{info, warn};
 /// How long a shutting-down listener waits for its sessions to say goodbye.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-pub struct ListenOptions {
+/// Where a listener listens.
+pub struct ListenOn {
     pub bind: Option<IpAddr>,
     pub port: u16,
-    pub name: String,
-    pub psk: Option<Secret32>,
-    pub policy: Policy,
+    /// Announce on the LAN (broadcast and mDNS) so `discover` and `connect NAME` find us.
+    pub announce: bool,
     /// Register at this rendezvous/relay peer (`HOST:PORT`) so connectors can reach us by
     /// peer ID from behind NATs.
     pub relay: Option<String>,
     /// STUN servers for our server-reflexive candidates.
     pub stun: Vec<String>,
+}
+
+/// A chat room: a listener (`listen: Some`), a connector (`dial: Some`), or both. Typed
+/// lines go to every member; `/dial` adds members, `/peers` lists them and the LAN.
+pub struct ListenOptions {
+    pub listen: Option<ListenOn>,
+    /// Connect to this target first; failing that is a connection error (exit 255).
+    pub dial: Option<String>,
+    pub default_port: u16,
+    /// Trust a first-seen peer without asking (connect --accept-new).
+    pub accept_new: bool,
+    pub name: String,
+    pub psk: Option<Secret32>,
+    pub policy: Policy,
+    /// How the command-line target is reached: TCP, QUIC over UDP, or through a relay.
+    pub transport: Transport,
 }
 
 /// Which authenticated peers may open which channel kinds.
@@ -70,6 +89,8 @@ struct Member {
     addr: SocketAddr,
     router: RouterHandle,
     chat: Option<ChannelSender>,
+    /// We dialed it (connect, /dial) rather than accepted it.
+    outgoing: bool,
 }
 
 type Room = Arc<Mutex<BTreeMap<u64, Member>>>;
@@ -80,6 +101,15 @@ struct Shared {
     admission: Mutex<Admission>,
     policy: Policy,
     console: Console,
+    home: Home,
+    identity: Arc<Identity>,
+    name: String,
+    psk: Option<Secret32>,
+    accept_new: bool,
+    default_port: u16,
+    transport: Transport,
+    /// How the first dialed session ended (the connector's exit status follows it).
+    first_close: Mutex<Option<CloseReason>>,
 }
 
 /// Binds the listening socket: `[::]` (IPv4 and IPv6) by default, IPv4 if IPv6 is off.
@@ -100,89 +130,59 @@ pub async fn bind(bind: Option<IpAddr>, port: u16) -> Result<TcpListener> {
     }
 }
 
-/// Runs the listener until SIGINT/SIGTERM (or `/quit` on its terminal).
+/// Runs the room: until SIGINT/SIGTERM or `/quit` for a listener; for a connector also
+/// until its input ends (then every session is closed gracefully) or its last peer leaves.
 pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     let identity = load_identity(home)?;
-    let listener = bind(opts.bind, opts.port).await?;
-    let local = listener.local_addr()?;
-    eprintln!(
-        "listening on {} as {} ({})",
-        match opts.bind {
-            None => format!("port {} (all IPv4 and IPv6 addresses)", local.port()),
-            Some(_) => local.to_string(),
-        },
-        identity.peer_id(),
-        sanitize(&opts.name)
-    );
-    // QUIC over UDP on the same port number (connect --udp, and relayed/punched peers).
-    let udp = bind_udp(opts.bind, local.port()).await;
-    let mut _keep_udp: Option<(UdpMux, Option<Agent>)> = None;
-    let endpoint = match udp {
-        Ok((mux, control)) => {
-            let ep = crate::net::quic::endpoint(&mux, true).context("cannot start QUIC")?;
-            eprintln!("UDP (QUIC) on port {}", mux.local_addr().port());
-            let agent = match &opts.relay {
-                Some(relay) => {
-                    let relay_addr = crate::app::dial::resolve(relay).await?;
-                    let mut candidates = host_candidates(&[relay_addr], mux.local_addr().port());
-                    candidates.extend(crate::app::dial::stun_candidates(&mux, &opts.stun).await);
-                    let (agent, events) = Agent::spawn(
-                        mux.clone(),
-                        control,
-                        AgentConfig {
-                            register_as: Some(identity.clone()),
-                            relay: Some(relay_addr),
-                            candidates,
-                        },
-                    );
-                    print_listener_path_events(events);
-                    Some(agent)
-                }
-                None => None,
-            };
-            _keep_udp = Some((mux, agent));
-            Some(ep)
-        }
-        Err(e) if opts.relay.is_none() => {
-            warn!("UDP disabled: {e:#}");
-            None
-        }
-        Err(e) => return Err(e),
-    };
-    let mut hs = HandshakeConfig::new(identity, &opts.name);
-    hs.psk = opts.psk;
-    let (console, mut input) = start_input();
     let shared = Arc::new(Shared {
         room: Arc::new(Mutex::new(BTreeMap::new())),
         admission: Mutex::new(Admission::default()),
         policy: opts.policy,
-        console: console.clone(),
+        console: Console::plain(),
+        home: home.clone(),
+        identity: identity.clone(),
+        name: opts.name.clone(),
+        psk: opts.psk.clone(),
+        accept_new: opts.accept_new,
+        default_port: opts.default_port,
+        transport: opts.transport.clone(),
+        first_close: Mutex::new(None),
     });
-    let mut input_open = true;
-    let mut next_id = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
+    let mut next_id = 0u64;
+    // A connector's first peer: failing to reach it is the command's failure.
+    if let Some(target) = &opts.dial {
+        let d = open_chat(dial_target(&shared, target, true).await?).await?;
+        next_id += 1;
+        tasks.spawn(serve_dialed(next_id, d, shared.clone(), true));
+    }
+    let listener = match &opts.listen {
+        Some(on) => Some(start_listening(&identity, &opts.name, on).await?),
+        None => None,
+    };
+    // The line editor starts after the first dial: its trust question owns the terminal.
+    let console = shared.console.clone();
+    let mut input = start_input(&console);
+    let mut hs = HandshakeConfig::new(identity, &opts.name);
+    hs.psk = opts.psk;
+    let mut input_open = true;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install SIGTERM handler")?;
     loop {
-        tokio::select! {
-            acc = listener.accept() => {
-                let (stream, addr) = match acc {
-                    Ok((s, a)) => (s, SocketAddr::new(a.ip().to_canonical(), a.port())),
-                    Err(e) => { warn!("accept failed: {e}"); continue; }
-                };
-                if let Err(why) = shared.admission.lock().expect("admission lock").admit(Instant::now(), addr.ip()) {
-                    info!(%addr, "refused connection: {why}");
-                    continue;
-                }
-                next_id += 1;
-                let session = Session::responder(
-                    SessionConfig { handshake: hs.clone(), expected_peer: None },
-                    Instant::now(),
-                    Box::new(OsRandom),
-                );
-                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, shared.clone()));
+        let accept = async {
+            match &listener {
+                Some((l, _, _)) => l.accept().await,
+                None => std::future::pending().await,
             }
-            inc = async { endpoint.as_ref().expect("guarded").accept().await }, if endpoint.is_some() => {
+        };
+        let quic_accept = async {
+            match &listener {
+                Some((_, _, Some(u))) => u.endpoint.accept().await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            inc = quic_accept => {
                 let Some(incoming) = inc else { continue };
                 let a = incoming.remote_address();
                 let addr = SocketAddr::new(a.ip().to_canonical(), a.port());
@@ -208,39 +208,107 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                     }
                 });
             }
+            acc = accept => {
+                let (stream, addr) = match acc {
+                    Ok((s, a)) => (s, SocketAddr::new(a.ip().to_canonical(), a.port())),
+                    Err(e) => { warn!("accept failed: {e}"); continue; }
+                };
+                if let Err(why) = shared.admission.lock().expect("admission lock").admit(Instant::now(), addr.ip()) {
+                    info!(%addr, "refused connection: {why}");
+                    continue;
+                }
+                next_id += 1;
+                let session = Session::responder(
+                    SessionConfig { handshake: hs.clone(), expected_peer: None },
+                    Instant::now(),
+                    Box::new(OsRandom),
+                );
+                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, shared.clone()));
+            }
             line = input.recv(), if input_open => match line {
                 Some(Input::Line(l)) => match parse_line(&l) {
                     Command::Send(text) => broadcast(&shared.room, text).await,
-                    Command::Peers => {
-                        let members: Vec<String> = shared.room.lock().expect("room lock").values()
-                            .map(|m| format!("{} ({}) from {}", sanitize(&m.name), m.peer, m.addr)).collect();
-                        if members.is_empty() { console.print("no peers connected"); }
-                        for m in members { console.print(&m); }
+                    Command::Peers => list_peers(&shared),
+                    Command::Dial(target) => {
+                        next_id += 1;
+                        let (id, shared) = (next_id, shared.clone());
+                        tasks.spawn(async move {
+                            let d = match dial_target(&shared, &target, false).await {
+                                Ok(c) => open_chat(c).await,
+                                Err(e) => Err(e),
+                            };
+                            match d {
+                                Ok(d) => serve_dialed(id, d, shared, false).await,
+                                Err(e) => shared.console.notice(&format!("/dial {target}: {e}")),
+                            }
+                        });
                     }
                     Command::Quit => break,
                     Command::Help => console.print(HELP),
                     Command::Unknown(c) => console.print(&format!("unknown command {c}; {HELP}")),
                     Command::Nothing => {}
                 },
-                // A listener keeps serving after its input ends.
-                Some(Input::Eof) | None => input_open = false,
+                Some(Input::Eof) | None => {
+                    input_open = false;
+                    // A listener keeps serving after its input ends; a connector says goodbye.
+                    if listener.is_none() {
+                        for m in shared.room.lock().expect("room lock").values() {
+                            m.router.close(CloseCode::Normal, "bye");
+                        }
+                    }
+                }
             },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                if listener.is_none() && tasks.is_empty() {
+                    break;
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
     }
     // Tell every peer, then give the sessions a moment to flush the goodbye.
+    let why = if listener.is_some() {
+        "listener shutting down"
+    } else {
+        "bye"
+    };
     for m in shared.room.lock().expect("room lock").values() {
-        m.router
-            .close(CloseCode::Shutdown, "listener shutting down");
+        m.router.close(CloseCode::Shutdown, why);
     }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    eprintln!("listener stopped");
+    if let Some((_, Some(a), _)) = listener {
+        a.stop().await;
+        eprintln!("listener stopped");
+    } else if opts.listen.is_some() {
+        eprintln!("listener stopped");
+    }
+    if opts.dial.is_some() {
+        let first = shared.first_close.lock().expect("first_close lock").take();
+        return Ok(match first {
+            None | Some(CloseReason::Normal) => 0,
+            Some(reason @ CloseReason::PeerClosed(_)) => {
+                eprintln!("{reason}");
+                0
+            }
+            Some(other) => {
+                eprintln!("qssh: session ended: {other}");
+                crate::cli::EXIT_CONNECT
+            }
+        });
+    }
     Ok(0)
+}
+
+/// The UDP side of a listener: QUIC endpoint on the shared socket, and the path agent when
+/// registered at a relay.
+struct UdpSide {
+    endpoint: quinn::Endpoint,
+    _mux: UdpMux,
+    _agent: Option<Agent>,
 }
 
 /// Binds the UDP socket for QUIC on `port` (the TCP port): `[::]` by default (IPv4 too),
@@ -265,11 +333,187 @@ async fn bind_udp(
     }
 }
 
+/// QUIC over UDP on the TCP port number (connect --udp, and relayed/punched peers); with a
+/// relay, registration and punching. Without a relay, a UDP failure only disables UDP.
+async fn start_udp(identity: &Arc<Identity>, port: u16, on: &ListenOn) -> Result<Option<UdpSide>> {
+    let (mux, control) = match bind_udp(on.bind, port).await {
+        Ok(x) => x,
+        Err(e) if on.relay.is_none() => {
+            warn!("UDP disabled: {e:#}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let endpoint = crate::net::quic::endpoint(&mux, true).context("cannot start QUIC")?;
+    eprintln!("UDP (QUIC) on port {}", mux.local_addr().port());
+    let agent = match &on.relay {
+        Some(relay) => {
+            let relay_addr = crate::app::dial::resolve(relay).await?;
+            let mut candidates = host_candidates(&[relay_addr], mux.local_addr().port());
+            candidates.extend(crate::app::dial::stun_candidates(&mux, &on.stun).await);
+            let (agent, events) = Agent::spawn(
+                mux.clone(),
+                control,
+                AgentConfig {
+                    register_as: Some(identity.clone()),
+                    relay: Some(relay_addr),
+                    candidates,
+                },
+            );
+            print_listener_path_events(events);
+            Some(agent)
+        }
+        None => None,
+    };
+    Ok(Some(UdpSide {
+        endpoint,
+        _mux: mux,
+        _agent: agent,
+    }))
+}
+
 /// Shows path changes and relay registration on stderr.
 fn print_listener_path_events(mut events: tokio::sync::mpsc::UnboundedReceiver<PathEvent>) {
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {
             eprintln!("{e}");
+        }
+    });
+}
+
+/// Binds, prints the banner and starts announcing.
+async fn start_listening(
+    identity: &Arc<Identity>,
+    name: &str,
+    on: &ListenOn,
+) -> Result<(TcpListener, Option<Announcer>, Option<UdpSide>)> {
+    let listener = bind(on.bind, on.port).await?;
+    let local = listener.local_addr()?;
+    eprintln!(
+        "listening on {} as {} ({})",
+        match on.bind {
+            None => format!("port {} (all IPv4 and IPv6 addresses)", local.port()),
+            Some(_) => local.to_string(),
+        },
+        identity.peer_id(),
+        sanitize(name)
+    );
+    // Announcing an address we do not listen on would only mislead: not for loopback binds.
+    let announcer = if on.announce && !on.bind.is_some_and(|ip| ip.is_loopback()) {
+        let cfg = AnnouncerConfig::new(
+            identity.peer_id(),
+            name,
+            vec![ListenPort::tcp(local.port())],
+        );
+        match Announcer::start(cfg).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                warn!("not announcing on the LAN: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let udp = start_udp(identity, local.port(), on).await?;
+    Ok((listener, announcer, udp))
+}
+
+/// Resolves and dials `target` for the room. Only the command-line target may ask the
+/// trust-on-first-use question (a `/dial` runs beside the line editor).
+async fn dial_target(
+    shared: &Shared,
+    target: &str,
+    may_ask: bool,
+) -> Result<Connected, ConnectError> {
+    // The command-line target uses the chosen transport; /dial uses TCP.
+    let transport = if may_ask {
+        shared.transport.clone()
+    } else {
+        Transport::Tcp
+    };
+    let t = match transport {
+        // A peer ID for the relay: no LAN lookup.
+        Transport::Relay { .. } => super::target::Target::parse(target, shared.default_port)?,
+        _ => resolve_target(target, shared.default_port, shared.identity.peer_id()).await?,
+    };
+    let c = dial_with(
+        &shared.home,
+        shared.identity.clone(),
+        DialOptions {
+            target: t,
+            accept_new: shared.accept_new,
+            ask: may_ask,
+            name: shared.name.clone(),
+            psk: shared.psk.clone(),
+        },
+        transport,
+    )
+    .await?;
+    let at = match &c.udp {
+        None => c.addr.to_string(),
+        Some(u) if u.relay.is_some() => format!("relay {} (QUIC)", c.addr),
+        Some(_) => format!("{} (QUIC)", c.addr),
+    };
+    let peer_id = c.peer.peer_id();
+    shared.console.notice(&format!(
+        "connected to {} ({}) at {} — {} identity, X25519+ML-KEM-768 handshake in {} ms",
+        sanitize(&c.peer_name),
+        peer_id.short(),
+        at,
+        c.peer.algorithm().display_name(),
+        c.handshake_time.as_millis()
+    ));
+    Ok(c)
+}
+
+/// `/peers`: members now, then whoever announces on the LAN (looked up in the background).
+fn list_peers(shared: &Arc<Shared>) {
+    let (members, ids): (Vec<String>, Vec<PeerId>) = shared
+        .room
+        .lock()
+        .expect("room lock")
+        .values()
+        .map(|m| {
+            let dir = if m.outgoing { "to" } else { "from" };
+            (
+                format!(
+                    "connected: {} ({}) {dir} {}",
+                    sanitize(&m.name),
+                    m.peer,
+                    m.addr
+                ),
+                m.peer,
+            )
+        })
+        .unzip();
+    if members.is_empty() {
+        shared.console.print("connected: nobody");
+    }
+    for m in members {
+        shared.console.print(&m);
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut exclude = ids;
+        exclude.push(shared.identity.peer_id());
+        let opts = DiscoverOptions {
+            timeout: Duration::from_secs(1),
+            exclude,
+            ..DiscoverOptions::default()
+        };
+        match discover(&opts).await {
+            Ok(d) if d.peers.is_empty() => shared.console.print("on the LAN: nobody else"),
+            Ok(d) => {
+                for p in d.peers {
+                    shared
+                        .console
+                        .print(&format!("on the LAN: {}", sanitize(&p.line())));
+                }
+            }
+            Err(e) => shared
+                .console
+                .print(&format!("LAN discovery unavailable: {e}")),
         }
     });
 }
@@ -288,8 +532,87 @@ async fn broadcast(room: &Room, text: String) {
 
 async fn serve_peer(id: u64, spawned: Spawned, addr: SocketAddr, shared: Arc<Shared>) {
     let (handle, events, task) = spawned;
-    let (router, mut incoming) = route(handle, events);
-    let mut who: Option<(PeerId, String)> = None;
+    let (router, incoming) = route(handle, events);
+    serve_session(id, addr, router, incoming, shared, None).await;
+    let _ = task.await;
+}
+
+/// A session we dialed, established and with its chat channel open.
+struct Dialed {
+    addr: SocketAddr,
+    c: Connected,
+    router: RouterHandle,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+    chat: Channel,
+}
+
+/// Opens the chat channel on a fresh dialed session, so lines typed from now on reach it.
+async fn open_chat(mut c: Connected) -> Result<Dialed, ConnectError> {
+    let addr = c.addr;
+    let (router, incoming) = route(c.handle.clone(), c.take_events());
+    let chat = router
+        .open(ChannelKind::Chat, b"")
+        .await
+        .map_err(|e| ConnectError::Trust(format!("cannot open chat: {e}")))?;
+    Ok(Dialed {
+        addr,
+        c,
+        router,
+        incoming,
+        chat,
+    })
+}
+
+/// Runs a dialed session as a room member until it ends.
+async fn serve_dialed(id: u64, d: Dialed, shared: Arc<Shared>, first: bool) {
+    let peer = d.c.peer.peer_id();
+    let name = d.c.peer_name.clone();
+    let (tx, rx) = d.chat.split();
+    shared.room.lock().expect("room lock").insert(
+        id,
+        Member {
+            name: name.clone(),
+            peer,
+            addr: d.addr,
+            router: d.router.clone(),
+            chat: Some(tx.clone()),
+            outgoing: true,
+        },
+    );
+    let chat = tokio::spawn(chat_member(
+        tx,
+        rx,
+        name.clone(),
+        peer,
+        shared.console.clone(),
+    ));
+    let reason = serve_session(
+        id,
+        d.addr,
+        d.router,
+        d.incoming,
+        shared.clone(),
+        Some((peer, name)),
+    )
+    .await;
+    if first {
+        *shared.first_close.lock().expect("first_close lock") = reason;
+    }
+    chat.abort();
+    let _ = d.c.task.await;
+}
+
+/// Serves one session's requests under the policy until it ends; returns why it ended.
+async fn serve_session(
+    id: u64,
+    addr: SocketAddr,
+    router: RouterHandle,
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+    shared: Arc<Shared>,
+    mut who: Option<(PeerId, String)>,
+) -> Option<CloseReason> {
+    let outgoing = who.is_some();
+    let mut ended = None;
     while let Some(inc) = incoming.recv().await {
         match inc {
             Incoming::Established { peer, name } => {
@@ -303,11 +626,11 @@ async fn serve_peer(id: u64, spawned: Spawned, addr: SocketAddr, shared: Arc<Sha
                     continue;
                 }
                 let peer_id = peer.peer_id();
-                eprintln!(
+                shared.console.notice(&format!(
                     "{} ({}) connected from {addr}",
                     sanitize(&name),
                     peer_id.short()
-                );
+                ));
                 info!(peer = %peer_id, %addr, "session established");
                 shared.room.lock().expect("room lock").insert(
                     id,
@@ -317,6 +640,7 @@ async fn serve_peer(id: u64, spawned: Spawned, addr: SocketAddr, shared: Arc<Sha
                         addr,
                         router: router.clone(),
                         chat: None,
+                        outgoing: false,
                     },
                 );
                 who = Some((peer_id, name));
@@ -351,22 +675,27 @@ async fn serve_peer(id: u64, spawned: Spawned, addr: SocketAddr, shared: Arc<Sha
                         .handshake_done(false);
                     info!(%addr, "handshake failed: {reason}");
                 }
+                ended = Some(reason);
                 break;
             }
             Incoming::DatagramEpoch { .. } | Incoming::Pong(_) => {}
         }
     }
     if who.is_some() {
-        shared
-            .admission
-            .lock()
-            .expect("admission lock")
-            .session_done();
+        if !outgoing {
+            shared
+                .admission
+                .lock()
+                .expect("admission lock")
+                .session_done();
+        }
         if let Some(m) = shared.room.lock().expect("room lock").remove(&id) {
-            eprintln!("{} ({}) left", sanitize(&m.name), m.peer.short());
+            shared
+                .console
+                .notice(&format!("{} ({}) left", sanitize(&m.name), m.peer.short()));
         }
     }
-    let _ = task.await;
+    ended
 }
 
 /// Channel kinds other than chat, once authorized.

@@ -122,29 +122,32 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn ping(home: &Home, opts: PingOptions) -> Result<i32> {
     let identity = load_identity(home)?;
     let target = Target::parse(&opts.target, opts.default_port).map_err(ConnectError::from)?;
-    let c = dial_with(
+    let mut c = dial_with(
         home,
         identity,
         DialOptions {
             target,
             accept_new: opts.accept_new,
+            ask: true,
             name: opts.name,
             psk: None,
         },
         opts.transport,
     )
     .await?;
+    let events = c.take_events();
     let udp = c.udp;
+    let addr = c.addr;
     let describe = |udp: &Option<super::dial::UdpLink>| match udp {
         Some(u) => u.describe_path(),
-        None => format!("tcp {}", c.addr),
+        None => format!("tcp {addr}"),
     };
     eprintln!(
         "connected to {} in {} ms",
         c.peer.peer_id().short(),
         c.handshake_time.as_millis()
     );
-    let (router, mut incoming) = route(c.handle, c.events);
+    let (router, mut incoming) = route(c.handle, events);
     let mut lost = 0;
     for seq in 1..=opts.count.max(1) {
         router.session().ping();

@@ -5,10 +5,13 @@ use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// Pinned peer ID (`PEERID@...`): the peer must prove exactly this identity.
+    /// Pinned peer ID (`PEERID@...`, or announced by discovery): the peer must prove exactly
+    /// this identity.
     pub peer: Option<PeerId>,
     pub host: String,
     pub port: u16,
+    /// Addresses already known (from discovery); empty means resolve `host` by DNS.
+    pub addrs: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -59,7 +62,18 @@ impl Target {
             peer,
             host: host.to_string(),
             port,
+            addrs: Vec::new(),
         })
+    }
+
+    /// True for a bare word that may name a discovered peer (a name, a peer ID or a prefix of
+    /// one) rather than a host: no port, no `@`, no dot, not an IP address, not localhost.
+    pub fn may_be_discovered(s: &str) -> bool {
+        let s = s.trim();
+        !s.is_empty()
+            && !s.contains([':', '@', '.', '[', '/'])
+            && s != "localhost"
+            && s.parse::<std::net::IpAddr>().is_err()
     }
 
     /// `host:port` with brackets for IPv6, as known_peers stores it.
@@ -100,5 +114,17 @@ mod tests {
             Err(TargetError::BadPort(_))
         ));
         assert_eq!(Target::parse(" ", 1), Err(TargetError::Empty));
+        assert!(Target::may_be_discovered("alice"));
+        assert!(Target::may_be_discovered(&PeerId([1; 32]).to_string()));
+        for host in [
+            "alice:22",
+            "a.example",
+            "localhost",
+            "10.0.0.1",
+            "::1",
+            "x@h",
+        ] {
+            assert!(!Target::may_be_discovered(host), "{host}");
+        }
     }
 }

@@ -3,13 +3,13 @@
 //! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
 //! something to do. Connection and authentication failures exit with 255, as ssh does.
 
-use crate::app::chat::{self, ConnectOptions};
 use crate::app::keys::describe_identity;
-use crate::app::listener::{self, ListenOptions, Policy};
+use crate::app::listener::{self, ListenOn, ListenOptions, Policy};
 use crate::app::store::Home;
 use crate::core::crypto::Secret32;
 use crate::core::identity::Algorithm;
 use crate::core::limits::PSK_LEN;
+use crate::net::discovery::{discover, DiscoverOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -18,11 +18,13 @@ use std::path::{Path, PathBuf};
 
 /// Default TCP port of a listener.
 pub const DEFAULT_PORT: u16 = 22222;
+/// Longest `discover --timeout`.
+pub const MAX_DISCOVER_SECS: f64 = 600.0;
 /// Exit status for connection and authentication failures (as ssh).
 pub const EXIT_CONNECT: i32 = 255;
 /// Default UDP port of `qssh relay`.
 pub const DEFAULT_RELAY_PORT: u16 = 22223;
-/// Public STUN servers `qssh netcheck` and `--stun` use when none are given (README).
+/// Public STUN servers `qssh netcheck` uses when none are given (README).
 pub const DEFAULT_STUN_SERVERS: &[&str] = &["stun.l.google.com:19302", "stun.cloudflare.com:3478"];
 
 #[derive(Parser, Debug)]
@@ -69,6 +71,9 @@ pub enum Command {
         /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
         #[arg(long, value_name = "FILE")]
         psk_file: Option<PathBuf>,
+        /// Do not announce this listener on the LAN (broadcast and mDNS).
+        #[arg(long)]
+        no_announce: bool,
         /// Register at this rendezvous/relay peer so others can connect by peer ID from
         /// behind NATs (qssh relay; default port 22223).
         #[arg(long, value_name = "HOST:PORT")]
@@ -77,8 +82,23 @@ pub enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         stun: Vec<String>,
     },
-    /// Connect to a peer and chat: TARGET is host, host:port or PEERID@host:port (with
-    /// --relay: PEERID).
+    /// List peers announcing themselves on the LAN (broadcast and mDNS).
+    Discover {
+        /// Seconds to listen.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only mDNS.
+        #[arg(long)]
+        no_broadcast: bool,
+        /// Only broadcast.
+        #[arg(long)]
+        no_mdns: bool,
+    },
+    /// Connect to a peer and chat. TARGET: host, host:port, PEERID@host:port, or a name,
+    /// peer ID or ID prefix (8+ characters) found by LAN discovery.
     Connect {
         target: String,
         /// Trust and remember a peer seen for the first time without asking.
@@ -96,8 +116,8 @@ pub enum Command {
         /// QUIC over UDP instead of TCP.
         #[arg(long)]
         udp: bool,
-        /// Reach the peer ID through this rendezvous/relay peer: relayed at once, direct as
-        /// soon as hole punching succeeds.
+        /// Reach the peer ID TARGET through this rendezvous/relay peer: relayed at once,
+        /// direct as soon as hole punching succeeds.
         #[arg(long, value_name = "HOST:PORT")]
         relay: Option<String>,
         /// STUN server for our public address (repeatable; with --relay).
@@ -296,6 +316,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             port,
             name,
             psk_file,
+            no_announce,
             relay,
             stun,
         } => {
@@ -304,13 +325,20 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             listener::listen(
                 &home,
                 ListenOptions {
-                    bind,
-                    port,
+                    listen: Some(ListenOn {
+                        bind,
+                        port,
+                        announce: !no_announce,
+                        relay: relay.map(|r| with_default_port(&r, DEFAULT_RELAY_PORT)),
+                        stun,
+                    }),
+                    dial: None,
+                    default_port: DEFAULT_PORT,
+                    accept_new: false,
                     name: name.unwrap_or_else(default_name),
                     psk,
                     policy: Policy::default(),
-                    relay: relay.map(|r| with_default_port(&r, DEFAULT_RELAY_PORT)),
-                    stun,
+                    transport: crate::app::dial::Transport::Tcp,
                 },
             )
             .await
@@ -327,14 +355,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
-            chat::connect(
+            listener::listen(
                 &home,
-                ConnectOptions {
-                    target,
+                ListenOptions {
+                    listen: None,
+                    dial: Some(target),
                     default_port: port.unwrap_or(DEFAULT_PORT),
                     accept_new,
                     name: name.unwrap_or_else(default_name),
                     psk,
+                    policy: Policy::default(),
                     transport: transport(udp, relay, stun),
                 },
             )
@@ -375,6 +405,37 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             crate::app::netcmd::netcheck(&servers, port).await
         }
         Command::Relay { port, bind } => crate::app::netcmd::relay(bind, port).await,
+        Command::Discover {
+            timeout,
+            json,
+            no_broadcast,
+            no_mdns,
+        } => {
+            if !(0.0..=MAX_DISCOVER_SECS).contains(&timeout) {
+                bail!("--timeout must be between 0 and {MAX_DISCOVER_SECS} seconds");
+            }
+            let home = open_home(&cli.home)?;
+            let own = home.load_identity().ok().map(|i| i.peer_id());
+            let d = discover(&DiscoverOptions {
+                timeout: std::time::Duration::from_secs_f64(timeout),
+                broadcast: !no_broadcast,
+                mdns: !no_mdns,
+                exclude: own.into_iter().collect(),
+                ..DiscoverOptions::default()
+            })
+            .await
+            .context("discovery failed")?;
+            for p in &d.peers {
+                println!("{}", if json { p.to_json() } else { p.line() });
+            }
+            for c in &d.conflicts {
+                eprintln!("warning: {c}");
+            }
+            if d.peers.is_empty() {
+                eprintln!("no peers found");
+            }
+            Ok(0)
+        }
         Command::Forget { target } => {
             let home = open_home(&cli.home)?;
             let n = home.remove_known(&target)?;

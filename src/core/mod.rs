@@ -3,6 +3,7 @@
 //! a task: callers pass bytes and the current time in, and poll actions out.
 
 pub mod admission;
+pub mod announce;
 pub mod codec;
 pub mod crypto;
 pub mod datagram;

@@ -379,7 +379,7 @@ impl Session {
     }
 
     /// The link reached end of stream.
-    pub fn handle_eof(&mut self, now: Instant) {
+    pub fn handle_eof(&mut self) {
         if !self.is_closed() {
             let close_sent = matches!(&self.state, State::Established(e) if e.close_sent);
             let reason = if close_sent {
@@ -389,7 +389,6 @@ impl Session {
             };
             self.state = State::Closed;
             self.events.push_back(Event::Closed { reason });
-            let _ = now;
         }
     }
 

@@ -1,5 +1,6 @@
 //! Tokio drivers that move the sans-IO core's bytes over real links.
 
+pub mod discovery;
 pub mod path;
 pub mod quic;
 pub mod relay;

@@ -10,7 +10,8 @@
 //! the driver stops taking application data, which is how backpressure reaches the sender.
 
 use crate::core::frame::{ChannelKind, CloseCode};
-use crate::core::session::{Event, Session, SessionError};
+use crate::core::ratchet::RatchetStats;
+use crate::core::session::{Event, Session, SessionError, SessionStats};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,6 +46,7 @@ enum Command {
     Consumed(u32, usize),
     Ping,
     DatagramEpoch(u32, [u8; 32]),
+    Stats(oneshot::Sender<(SessionStats, Option<RatchetStats>)>),
     Close(CloseCode, String),
 }
 
@@ -103,6 +105,12 @@ impl SessionHandle {
     }
     pub fn announce_datagram_epoch(&self, epoch: u32, secret: [u8; 32]) {
         self.cmd(Command::DatagramEpoch(epoch, secret));
+    }
+    /// Record and ratchet counters (None once the session is gone).
+    pub async fn stats(&self) -> Option<(SessionStats, Option<RatchetStats>)> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Command::Stats(tx));
+        rx.await.ok()
     }
     /// Graceful close: queued data is delivered first; the Closed event follows.
     pub fn close(&self, code: CloseCode, reason: &str) {
@@ -225,7 +233,7 @@ async fn drive<R, W>(
             r = rd.read(&mut buf), if read_open => match r {
                 Ok(0) | Err(_) => {
                     read_open = false;
-                    s.handle_eof(Instant::now());
+                    s.handle_eof();
                 }
                 Ok(n) => s.handle_input(Instant::now(), &buf[..n]),
             },
@@ -328,6 +336,9 @@ fn apply(
         Command::Consumed(ch, n) => s.consumed(now, ch, n),
         Command::Ping => {
             let _ = s.ping(now);
+        }
+        Command::Stats(reply) => {
+            let _ = reply.send((s.stats(), s.ratchet_stats()));
         }
         Command::DatagramEpoch(epoch, secret) => {
             let _ = s.announce_datagram_epoch(now, epoch, secret);

@@ -1,0 +1,223 @@
+//! The user's view of LAN discovery, with real `qssh` processes in network namespaces:
+//! `qssh listen` announces, `qssh discover` lists every other listener, `qssh connect NAME`
+//! finds the peer, pins its announced ID and chats both ways; an impostor that announces
+//! another peer's name and ID is refused at the handshake.
+
+#[path = "netns/mod.rs"]
+mod netns;
+
+use netns::{require_netns, Lab, Proc};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_qssh");
+const WAIT: Duration = Duration::from_secs(15);
+
+fn home(dir: &tempfile::TempDir, i: usize) -> String {
+    dir.path()
+        .join(format!("h{i}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn peer_id(lab: &Lab, home: &str) -> String {
+    let out = lab
+        .command(0, BIN, &["id"])
+        .env("QSSH_HOME", home)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn start_listener(lab: &Lab, i: usize, home: &str, name: &str) -> Proc {
+    lab.spawn_with(
+        i,
+        BIN,
+        &["listen", "--name", name],
+        &[("QSSH_HOME", home)],
+        Stdio::null(),
+    )
+}
+
+fn discover(lab: &Lab, i: usize, home: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["discover", "--timeout", "2"];
+    args.extend_from_slice(extra);
+    let out = lab
+        .command(i, BIN, &args)
+        .env("QSSH_HOME", home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn wait_for(p: &mut Proc, what: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Some(l) = p.line(deadline.saturating_duration_since(Instant::now())) {
+            if l.contains(what) {
+                return l;
+            }
+        }
+    }
+    panic!("{} never printed {what:?}", p.what());
+}
+
+#[test]
+fn discover_lists_every_listener_and_connect_by_name_chats_both_ways() {
+    if !require_netns("discover_lists_every_listener_and_connect_by_name_chats_both_ways") {
+        return;
+    }
+    let lab = Lab::new("cli", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let homes: Vec<String> = (0..3).map(|i| home(&dir, i)).collect();
+    let ids: Vec<String> = homes.iter().map(|h| peer_id(&lab, h)).collect();
+    let mut listeners: Vec<Proc> = (0..3)
+        .map(|i| start_listener(&lab, i, &homes[i], &format!("host{i}")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    for (mode, extra) in [("both", &[][..]), ("mdns", &["--no-broadcast"][..])] {
+        for i in 0..3 {
+            let lines = discover(&lab, i, &homes[i], extra);
+            for j in (0..3).filter(|&j| j != i) {
+                assert!(
+                    lines
+                        .iter()
+                        .any(|l| l.starts_with(&ids[j]) && l.contains(&format!(" host{j} "))),
+                    "{mode}: host {i} did not list host {j}: {lines:?}"
+                );
+            }
+            assert!(
+                !lines.iter().any(|l| l.starts_with(&ids[i])),
+                "lists itself"
+            );
+            if mode == "mdns" {
+                assert!(lines.iter().all(|l| l.ends_with("via mdns")), "{lines:?}");
+            }
+        }
+    }
+
+    // connect NAME from host 0 to host 1, both ways.
+    let mut conn = lab.spawn_with(
+        0,
+        BIN,
+        &["connect", "host1", "--name", "visitor"],
+        &[("QSSH_HOME", &homes[0])],
+        Stdio::null(),
+    );
+    conn.send_line("hello host1");
+    let got = wait_for(&mut listeners[1], "hello host1");
+    assert!(got.starts_with("visitor ("), "{got}");
+    listeners[1].send_line("hello visitor");
+    let got = wait_for(&mut conn, "hello visitor");
+    assert!(got.starts_with("host1 ("), "{got}");
+
+    // /dial a second peer by name: typed lines now reach both; /peers lists both.
+    conn.send_line("/dial host2");
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        conn.send_line("/peers");
+        std::thread::sleep(Duration::from_millis(250));
+        while let Some(l) = conn.line(Duration::from_millis(10)) {
+            seen.push(l);
+        }
+        if seen
+            .iter()
+            .any(|l| l.starts_with("connected: host2") && l.contains(&ids[2]))
+        {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("connected: host1") && l.contains(&ids[1])),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("connected: host2") && l.contains(&ids[2])),
+        "{seen:?}"
+    );
+    conn.send_line("hello everyone");
+    wait_for(&mut listeners[1], "hello everyone");
+    wait_for(&mut listeners[2], "hello everyone");
+    conn.close_stdin();
+    let status = conn.wait(WAIT).expect("connector exits at stdin EOF");
+    assert!(status.success());
+}
+
+#[test]
+fn impostor_announcing_another_peer_is_refused_at_handshake() {
+    if !require_netns("impostor_announcing_another_peer_is_refused_at_handshake") {
+        return;
+    }
+    let lab = Lab::new("imp", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let homes: Vec<String> = (0..3).map(|i| home(&dir, i)).collect();
+    let real_id = peer_id(&lab, &homes[1]);
+    // The real "alice" is not running; an impostor on host 2 announces alice's ID and name
+    // (disc_probe announces whatever it is told) and listens with its own key.
+    let _imp_listener = lab.spawn_with(
+        2,
+        BIN,
+        &["listen", "--name", "alice", "--no-announce"],
+        &[("QSSH_HOME", &homes[2])],
+        Stdio::null(),
+    );
+    let probe = probe_path();
+    let _imp = lab.spawn(
+        2,
+        &probe,
+        &[
+            "announce",
+            "--peer-id",
+            &real_id,
+            "--name",
+            "alice",
+            "--port",
+            "22222",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = lab
+        .command(0, BIN, &["connect", "alice"])
+        .env("QSSH_HOME", &homes[0])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not the expected"), "{err}");
+}
+
+/// The disc_probe example, built on demand (it announces arbitrary IDs for tests).
+fn probe_path() -> String {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--quiet", "--example", "disc_probe"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+    assert!(status.success());
+    profile_dir
+        .join("examples/disc_probe")
+        .to_string_lossy()
+        .into_owned()
+}
