@@ -14,6 +14,10 @@ PACKAGES=(
   iperf3    # tests/vpn_netns.rs: TCP and UDP throughput through the tunnel
   iputils-ping  # tests/vpn_netns.rs: ping both ways over IPv4 and IPv6
   util-linux    # tests/vpn_netns.rs: setpriv (a run without CAP_NET_ADMIN)
+  nftables  # tests/nat_lab.rs: NAT routers
+  conntrack # tests/nat_lab.rs: flushing NAT mappings
+  coturn    # tests/nat_lab.rs: STUN server and turnutils_natdiscovery
+  tcpdump   # tests/nat_lab.rs: capture on the relay (no plaintext)
 )
 
 as_root() {

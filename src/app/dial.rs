@@ -1,5 +1,6 @@
 //! The connecting side of every command (connect, later shell, exec, forwarding, vpn):
-//! resolve the target, open TCP, run the handshake and decide trust as ssh does.
+//! resolve the target, open the link (TCP; or QUIC over UDP, by address or through a relay
+//! with hole punching: [`dial_with`]), run the handshake and decide trust as ssh does.
 //!
 //! Trust: a pinned `PEERID@host:port` must match exactly; otherwise `known_peers` decides; an
 //! unknown peer is asked about on a terminal, accepted with `--accept-new`, refused otherwise;
@@ -12,8 +13,11 @@ use crate::core::crypto::{OsRandom, Secret32};
 use crate::core::handshake::HandshakeConfig;
 use crate::core::identity::{Identity, PublicIdentity};
 use crate::core::session::{CloseReason, Event, Session, SessionConfig};
-use crate::net::tcp::{spawn_session, SessionHandle};
+use crate::net::path::{host_candidates, Agent, AgentConfig, PathEvent};
+use crate::net::tcp::{spawn_session, SessionHandle, Spawned};
+use crate::net::udp::UdpMux;
 use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -41,6 +45,46 @@ pub enum ConnectError {
     Trust(String),
     #[error("{0}")]
     Discovery(#[from] crate::core::announce::ResolveError),
+    #[error("QUIC to {addr}: {reason}")]
+    Udp { addr: String, reason: String },
+    #[error("{0}")]
+    Relay(String),
+}
+
+/// How to reach the peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP to the target's address (the default).
+    #[default]
+    Tcp,
+    /// QUIC over UDP to the target's address.
+    Udp,
+    /// Through a rendezvous/relay peer (`HOST:PORT`): the session starts at once, relayed if
+    /// need be, and moves to a direct UDP path as soon as punching succeeds. `stun` servers
+    /// add server-reflexive candidates.
+    Relay { relay: String, stun: Vec<String> },
+}
+
+/// The UDP side of a connection (kept alive as long as the session).
+pub struct UdpLink {
+    pub mux: UdpMux,
+    pub endpoint: quinn::Endpoint,
+    /// With a relay: the path agent and the peer's virtual address.
+    pub agent: Option<(Agent, SocketAddr)>,
+    pub relay: Option<SocketAddr>,
+}
+
+impl UdpLink {
+    /// `direct IP:PORT`, `relayed via HOST:PORT` or `direct (UDP) IP:PORT` for --udp.
+    pub fn describe_path(&self) -> String {
+        match (&self.agent, self.relay) {
+            (Some((agent, virt)), Some(relay)) => match agent.direct_path(*virt) {
+                Some(d) => format!("direct {d}"),
+                None => format!("relayed via {relay}"),
+            },
+            _ => "direct (UDP, by address)".to_string(),
+        }
+    }
 }
 
 /// How long `connect NAME` listens for announcements before choosing.
@@ -112,6 +156,8 @@ pub struct Connected {
     pub addr: std::net::SocketAddr,
     pub handshake_time: Duration,
     pub task: tokio::task::JoinHandle<()>,
+    /// Set when the session runs over QUIC/UDP (keeps socket, endpoint and path agent alive).
+    pub udp: Option<UdpLink>,
 }
 
 impl Connected {
@@ -121,6 +167,179 @@ impl Connected {
             .take()
             .unwrap_or_else(|| mpsc::unbounded_channel().1)
     }
+}
+
+/// Resolves `host:port` (first address).
+pub async fn resolve(host_port: &str) -> Result<SocketAddr, ConnectError> {
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(|c| c == '[' || c == ']'), p),
+        None => (host_port, ""),
+    };
+    let port: u16 = port.parse().map_err(|_| ConnectError::Resolve {
+        host: host_port.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "expected HOST:PORT"),
+    })?;
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            host: host_port.to_string(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ConnectError::Resolve {
+            host: host_port.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })
+}
+
+/// Prints every path change of the session (`path: direct IP:PORT`, `path: relayed via ...`).
+pub fn print_path_events(mut events: mpsc::UnboundedReceiver<PathEvent>) {
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            if matches!(e, PathEvent::Direct { .. } | PathEvent::Relayed { .. }) {
+                eprintln!("{e}");
+            }
+        }
+    });
+}
+
+/// Server-reflexive candidates from STUN servers, learned on `mux` (failures are logged).
+pub async fn stun_candidates(
+    mux: &UdpMux,
+    servers: &[String],
+) -> Vec<crate::core::rendezvous::Candidate> {
+    let mut out = Vec::new();
+    for s in servers {
+        let Ok(addr) = resolve(s).await else {
+            tracing::warn!("cannot resolve STUN server {s}");
+            continue;
+        };
+        match crate::net::stun::binding(mux, addr, crate::net::stun::Change::None).await {
+            Ok(b) => out.push(crate::core::rendezvous::Candidate {
+                kind: crate::core::rendezvous::CandidateKind::ServerReflexive,
+                addr: b.mapped,
+            }),
+            Err(e) => tracing::warn!("STUN server {s}: {e}"),
+        }
+    }
+    out
+}
+
+/// Like [`dial`], over the chosen transport.
+pub async fn dial_with(
+    home: &Home,
+    identity: Arc<Identity>,
+    mut opts: DialOptions,
+    transport: Transport,
+) -> Result<Connected, ConnectError> {
+    match transport {
+        Transport::Tcp => dial(home, identity, opts).await,
+        Transport::Udp => {
+            let t = &opts.target;
+            let addr = resolve(&t.host_port()).await?;
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            let udp_err = |reason: String| ConnectError::Udp {
+                addr: t.host_port(),
+                reason,
+            };
+            let (mux, _control) = UdpMux::bind(bind, false)
+                .await
+                .map_err(|e| udp_err(e.to_string()))?;
+            let endpoint =
+                crate::net::quic::endpoint(&mux, false).map_err(|e| udp_err(e.to_string()))?;
+            let started = Instant::now();
+            let link = crate::net::quic::connect(&endpoint, addr, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| udp_err(e.to_string()))?;
+            let session = new_initiator(&identity, &opts, started);
+            let spawned = crate::net::quic::spawn_session(link, session);
+            let host_port = t.host_port();
+            let udp = UdpLink {
+                mux,
+                endpoint,
+                agent: None,
+                relay: None,
+            };
+            establish(home, spawned, &opts, &host_port, addr, started, Some(udp)).await
+        }
+        Transport::Relay { relay, stun } => {
+            let t = &opts.target;
+            let Some(peer) = t
+                .peer
+                .or_else(|| t.host.parse::<crate::core::identity::PeerId>().ok())
+            else {
+                return Err(ConnectError::Relay(
+                    "through a relay, the target is a peer ID: qssh connect PEERID --relay HOST:PORT"
+                        .into(),
+                ));
+            };
+            // By peer ID: the peer must prove exactly this identity (no trust question).
+            opts.target.peer = Some(peer);
+            let relay_addr = resolve(&relay).await?;
+            let bind: SocketAddr = if relay_addr.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            let relay_err =
+                |reason: String| ConnectError::Relay(format!("relay {relay}: {reason}"));
+            let started = Instant::now();
+            let (mux, control) = UdpMux::bind(bind, false)
+                .await
+                .map_err(|e| relay_err(e.to_string()))?;
+            let mut candidates = host_candidates(&[relay_addr], mux.local_addr().port());
+            candidates.extend(stun_candidates(&mux, &stun).await);
+            let (agent, path_events) = Agent::spawn(
+                mux.clone(),
+                control,
+                AgentConfig {
+                    register_as: None,
+                    relay: Some(relay_addr),
+                    candidates,
+                },
+            );
+            print_path_events(path_events);
+            let virt = agent
+                .connect(relay_addr, peer)
+                .await
+                .map_err(|e| ConnectError::Relay(e.to_string()))?;
+            let endpoint =
+                crate::net::quic::endpoint(&mux, false).map_err(|e| relay_err(e.to_string()))?;
+            let link = crate::net::quic::connect(&endpoint, virt, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| ConnectError::Udp {
+                    addr: format!("{peer} via {relay}"),
+                    reason: e.to_string(),
+                })?;
+            let session = new_initiator(&identity, &opts, started);
+            let spawned = crate::net::quic::spawn_session(link, session);
+            let udp = UdpLink {
+                mux,
+                endpoint,
+                agent: Some((agent, virt)),
+                relay: Some(relay_addr),
+            };
+            let key = format!("{peer}");
+            establish(home, spawned, &opts, &key, relay_addr, started, Some(udp)).await
+        }
+    }
+}
+
+fn new_initiator(identity: &Arc<Identity>, opts: &DialOptions, started: Instant) -> Session {
+    let mut hs = HandshakeConfig::new(identity.clone(), &opts.name);
+    hs.psk = opts.psk.clone();
+    Session::initiator(
+        SessionConfig {
+            handshake: hs,
+            expected_peer: opts.target.peer,
+        },
+        started,
+        Box::new(OsRandom),
+    )
 }
 
 /// Connects, authenticates and returns once the session is established.
@@ -161,19 +380,25 @@ pub async fn dial(
         addr: t.host_port(),
         reason: e.to_string(),
     })?;
-    let mut hs = HandshakeConfig::new(identity, &opts.name);
-    hs.psk = opts.psk.clone();
     let started = Instant::now();
-    let session = Session::initiator(
-        SessionConfig {
-            handshake: hs,
-            expected_peer: t.peer,
-        },
-        started,
-        Box::new(OsRandom),
-    );
-    let (handle, mut events, task) = spawn_session(stream, session);
+    let session = new_initiator(&identity, &opts, started);
+    let spawned = spawn_session(stream, session);
     let host_port = t.host_port();
+    establish(home, spawned, &opts, &host_port, addr, started, None).await
+}
+
+/// Runs the handshake of a spawned initiator session to the end: trust decision, then
+/// `Established` (or the reason it failed).
+async fn establish(
+    home: &Home,
+    spawned: Spawned,
+    opts: &DialOptions,
+    host_port: &str,
+    addr: SocketAddr,
+    started: Instant,
+    udp: Option<UdpLink>,
+) -> Result<Connected, ConnectError> {
+    let (handle, mut events, task) = spawned;
     // Time spent waiting for the user's answer is not handshake time.
     let mut asked = Duration::ZERO;
     while let Some(ev) = events.recv().await {
@@ -181,7 +406,7 @@ pub async fn dial(
             Event::VerifyPeer { peer, name } => {
                 let t0 = Instant::now();
                 let decision =
-                    decide_trust(home, &host_port, &peer, &name, opts.accept_new, opts.ask).await;
+                    decide_trust(home, host_port, &peer, &name, opts.accept_new, opts.ask).await;
                 asked = t0.elapsed();
                 match decision {
                     Ok(()) => handle.accept_peer(true),
@@ -200,6 +425,7 @@ pub async fn dial(
                     addr,
                     handshake_time: started.elapsed().saturating_sub(asked),
                     task,
+                    udp,
                 });
             }
             Event::Closed { reason } => return Err(ConnectError::Session(reason)),

@@ -9,7 +9,7 @@ use super::chat::{
     format_message, load_identity, parse_line, sanitize, send_line, start_input, Command, Console,
     Input, LineBuffer, HELP,
 };
-use super::dial::{dial, resolve_target, ConnectError, Connected, DialOptions};
+use super::dial::{dial_with, resolve_target, ConnectError, Connected, DialOptions, Transport};
 use super::exec::{self, Requester};
 use super::forward;
 pub use super::policy::Policy;
@@ -22,9 +22,12 @@ use crate::core::crypto::{OsRandom, Secret32};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::handshake::HandshakeConfig;
 use crate::core::identity::{Identity, PeerId};
+use crate::core::limits::HANDSHAKE_TIMEOUT;
 use crate::core::session::{CloseReason, Session, SessionConfig};
 use crate::net::discovery::{discover, Announcer, AnnouncerConfig, DiscoverOptions};
-use crate::net::tcp::spawn_session;
+use crate::net::path::{host_candidates, Agent, AgentConfig, PathEvent};
+use crate::net::tcp::{spawn_session, Spawned};
+use crate::net::udp::UdpMux;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -42,6 +45,11 @@ pub struct ListenOn {
     pub port: u16,
     /// Announce on the LAN (broadcast and mDNS) so `discover` and `connect NAME` find us.
     pub announce: bool,
+    /// Register at this rendezvous/relay peer (`HOST:PORT`) so connectors can reach us by
+    /// peer ID from behind NATs.
+    pub relay: Option<String>,
+    /// STUN servers for our server-reflexive candidates.
+    pub stun: Vec<String>,
 }
 
 /// A chat room: a listener (`listen: Some`), a connector (`dial: Some`), or both. Typed
@@ -58,6 +66,8 @@ pub struct ListenOptions {
     pub policy: Policy,
     /// `--vpn`: serve VPN channels on this tunnel configuration.
     pub vpn: Option<VpnOptions>,
+    /// How the command-line target is reached: TCP, QUIC over UDP, or through a relay.
+    pub transport: Transport,
 }
 
 /// A connected peer.
@@ -85,6 +95,7 @@ struct Shared {
     psk: Option<Secret32>,
     accept_new: bool,
     default_port: u16,
+    transport: Transport,
     /// How the first dialed session ended (the connector's exit status follows it).
     first_close: Mutex<Option<CloseReason>>,
     vpn: Option<Arc<VpnServer>>,
@@ -114,8 +125,8 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     let identity = load_identity(home)?;
     let (listener, vpn) = match &opts.listen {
         Some(on) => {
-            let (l, a, v) = start_listening(&identity, &opts.name, on, opts.vpn.clone()).await?;
-            (Some((l, a)), v)
+            let (l, a, u, v) = start_listening(&identity, &opts.name, on, opts.vpn.clone()).await?;
+            (Some((l, a, u)), v)
         }
         None => (None, None),
     };
@@ -130,6 +141,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         psk: opts.psk.clone(),
         accept_new: opts.accept_new,
         default_port: opts.default_port,
+        transport: opts.transport.clone(),
         first_close: Mutex::new(None),
         vpn,
     });
@@ -152,11 +164,44 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     loop {
         let accept = async {
             match &listener {
-                Some((l, _)) => l.accept().await,
+                Some((l, _, _)) => l.accept().await,
                 None => std::future::pending().await,
             }
         };
+        let quic_accept = async {
+            match &listener {
+                Some((_, _, Some(u))) => u.endpoint.accept().await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            inc = quic_accept => {
+                let Some(incoming) = inc else { continue };
+                let a = incoming.remote_address();
+                let addr = SocketAddr::new(a.ip().to_canonical(), a.port());
+                if let Err(why) = shared.admission.lock().expect("admission lock").admit(Instant::now(), addr.ip()) {
+                    info!(%addr, "refused QUIC connection: {why}");
+                    incoming.refuse();
+                    continue;
+                }
+                next_id += 1;
+                let session = Session::responder(
+                    SessionConfig { handshake: hs.clone(), expected_peer: None },
+                    Instant::now(),
+                    Box::new(OsRandom),
+                );
+                let (id, shared) = (next_id, shared.clone());
+                let udp_local = incoming.local_ip().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |ip| SocketAddr::new(ip, 0));
+                tasks.spawn(async move {
+                    match crate::net::quic::accept(incoming, HANDSHAKE_TIMEOUT).await {
+                        Ok(link) => serve_peer(id, crate::net::quic::spawn_session(link, session), addr, udp_local, shared).await,
+                        Err(e) => {
+                            let _ = shared.admission.lock().expect("admission lock").handshake_done(false);
+                            info!(%addr, "QUIC connection failed: {e}");
+                        }
+                    }
+                });
+            }
             acc = accept => {
                 let (stream, addr) = match acc {
                     Ok((s, a)) => (s, SocketAddr::new(a.ip().to_canonical(), a.port())),
@@ -172,7 +217,8 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                     Instant::now(),
                     Box::new(OsRandom),
                 );
-                tasks.spawn(serve_peer(next_id, stream, addr, session, shared.clone()));
+                let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, local, shared.clone()));
             }
             line = input.recv(), if input_open => match line {
                 Some(Input::Line(l)) => match parse_line(&l) {
@@ -229,7 +275,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    if let Some((_, Some(a))) = listener {
+    if let Some((_, Some(a), _)) = listener {
         a.stop().await;
         eprintln!("listener stopped");
     } else if opts.listen.is_some() {
@@ -252,18 +298,103 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     Ok(0)
 }
 
+/// The UDP side of a listener: QUIC endpoint on the shared socket, and the path agent when
+/// registered at a relay.
+struct UdpSide {
+    endpoint: quinn::Endpoint,
+    _mux: UdpMux,
+    _agent: Option<Agent>,
+}
+
+/// Binds the UDP socket for QUIC on `port` (the TCP port): `[::]` by default (IPv4 too),
+/// IPv4 if IPv6 is off, or `bind`.
+async fn bind_udp(
+    bind: Option<IpAddr>,
+    port: u16,
+) -> Result<(
+    UdpMux,
+    tokio::sync::mpsc::Receiver<crate::net::udp::Control>,
+)> {
+    match bind {
+        Some(ip) => UdpMux::bind(SocketAddr::new(ip, port), false)
+            .await
+            .with_context(|| format!("cannot bind UDP {}", SocketAddr::new(ip, port))),
+        None => match UdpMux::bind((std::net::Ipv6Addr::UNSPECIFIED, port).into(), false).await {
+            Ok(x) => Ok(x),
+            Err(_) => UdpMux::bind((std::net::Ipv4Addr::UNSPECIFIED, port).into(), false)
+                .await
+                .with_context(|| format!("cannot bind UDP port {port}")),
+        },
+    }
+}
+
+/// QUIC over UDP on the TCP port number (connect --udp, and relayed/punched peers); with a
+/// relay, registration and punching. Without a relay, a UDP failure only disables UDP.
+async fn start_udp(identity: &Arc<Identity>, port: u16, on: &ListenOn) -> Result<Option<UdpSide>> {
+    let (mux, control) = match bind_udp(on.bind, port).await {
+        Ok(x) => x,
+        Err(e) if on.relay.is_none() => {
+            warn!("UDP disabled: {e:#}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let endpoint = crate::net::quic::endpoint(&mux, true).context("cannot start QUIC")?;
+    eprintln!("UDP (QUIC) on port {}", mux.local_addr().port());
+    let agent = match &on.relay {
+        Some(relay) => {
+            let relay_addr = crate::app::dial::resolve(relay).await?;
+            let mut candidates = host_candidates(&[relay_addr], mux.local_addr().port());
+            candidates.extend(crate::app::dial::stun_candidates(&mux, &on.stun).await);
+            let (agent, events) = Agent::spawn(
+                mux.clone(),
+                control,
+                AgentConfig {
+                    register_as: Some(identity.clone()),
+                    relay: Some(relay_addr),
+                    candidates,
+                },
+            );
+            print_listener_path_events(events);
+            Some(agent)
+        }
+        None => None,
+    };
+    Ok(Some(UdpSide {
+        endpoint,
+        _mux: mux,
+        _agent: agent,
+    }))
+}
+
+/// Shows path changes and relay registration on stderr.
+fn print_listener_path_events(mut events: tokio::sync::mpsc::UnboundedReceiver<PathEvent>) {
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            eprintln!("{e}");
+        }
+    });
+}
+
 /// Binds, prints the banner and starts announcing.
 async fn start_listening(
-    identity: &Identity,
+    identity: &Arc<Identity>,
     name: &str,
     on: &ListenOn,
     vpn: Option<VpnOptions>,
-) -> Result<(TcpListener, Option<Announcer>, Option<Arc<VpnServer>>)> {
+) -> Result<(
+    TcpListener,
+    Option<Announcer>,
+    Option<UdpSide>,
+    Option<Arc<VpnServer>>,
+)> {
     let listener = bind(on.bind, on.port).await?;
     let local = listener.local_addr()?;
     // The tunnel first: without the right to create it, the one error line is all there is.
     let vpn = match vpn {
-        Some(v) => Some(VpnServer::start(v, local)?),
+        // The listener port's UDP socket carries QUIC; the VPN's datagrams get their own
+        // (ephemeral) port, told to the connector in the VPN channel parameters.
+        Some(v) => Some(VpnServer::start(v, SocketAddr::new(local.ip(), 0))?),
         None => None,
     };
     eprintln!(
@@ -292,7 +423,8 @@ async fn start_listening(
     } else {
         None
     };
-    Ok((listener, announcer, vpn))
+    let udp = start_udp(identity, local.port(), on).await?;
+    Ok((listener, announcer, udp, vpn))
 }
 
 /// Resolves and dials `target` for the room. Only the command-line target may ask the
@@ -302,8 +434,18 @@ async fn dial_target(
     target: &str,
     may_ask: bool,
 ) -> Result<Connected, ConnectError> {
-    let t = resolve_target(target, shared.default_port, shared.identity.peer_id()).await?;
-    let c = dial(
+    // The command-line target uses the chosen transport; /dial uses TCP.
+    let transport = if may_ask {
+        shared.transport.clone()
+    } else {
+        Transport::Tcp
+    };
+    let t = match transport {
+        // A peer ID for the relay: no LAN lookup.
+        Transport::Relay { .. } => super::target::Target::parse(target, shared.default_port)?,
+        _ => resolve_target(target, shared.default_port, shared.identity.peer_id()).await?,
+    };
+    let c = dial_with(
         &shared.home,
         shared.identity.clone(),
         DialOptions {
@@ -313,14 +455,20 @@ async fn dial_target(
             name: shared.name.clone(),
             psk: shared.psk.clone(),
         },
+        transport,
     )
     .await?;
+    let at = match &c.udp {
+        None => c.addr.to_string(),
+        Some(u) if u.relay.is_some() => format!("relay {} (QUIC)", c.addr),
+        Some(_) => format!("{} (QUIC)", c.addr),
+    };
     let peer_id = c.peer.peer_id();
     shared.console.notice(&format!(
         "connected to {} ({}) at {} — {} identity, X25519+ML-KEM-768 handshake in {} ms",
         sanitize(&c.peer_name),
         peer_id.short(),
-        c.addr,
+        at,
         c.peer.algorithm().display_name(),
         c.handshake_time.as_millis()
     ));
@@ -392,15 +540,12 @@ async fn broadcast(room: &Room, text: String) {
 
 async fn serve_peer(
     id: u64,
-    stream: tokio::net::TcpStream,
+    spawned: Spawned,
     addr: SocketAddr,
-    session: Session,
+    local: SocketAddr,
     shared: Arc<Shared>,
 ) {
-    let local = stream
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (handle, events, task) = spawn_session(stream, session);
+    let (handle, events, task) = spawned;
     let (router, incoming) = route(handle, events);
     serve_session(id, addr, local, router, incoming, shared, None).await;
     let _ = task.await;

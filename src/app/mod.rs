@@ -8,6 +8,7 @@ pub mod exec;
 pub mod forward;
 pub mod keys;
 pub mod listener;
+pub mod netcmd;
 pub mod policy;
 pub mod pty;
 pub mod router;

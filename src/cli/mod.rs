@@ -27,6 +27,10 @@ pub const DEFAULT_PORT: u16 = 22222;
 pub const MAX_DISCOVER_SECS: f64 = 600.0;
 /// Exit status for connection and authentication failures (as ssh).
 pub const EXIT_CONNECT: i32 = 255;
+/// Default UDP port of `qssh relay`.
+pub const DEFAULT_RELAY_PORT: u16 = 22223;
+/// Public STUN servers `qssh netcheck` uses when none are given (README).
+pub const DEFAULT_STUN_SERVERS: &[&str] = &["stun.l.google.com:19302", "stun.cloudflare.com:3478"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +92,13 @@ pub enum Command {
         /// No port forwarding for anyone.
         #[arg(long)]
         no_forward: bool,
+        /// Register at this rendezvous/relay peer so others can connect by peer ID from
+        /// behind NATs (qssh relay; default port 22223).
+        #[arg(long, value_name = "HOST:PORT")]
+        relay: Option<String>,
+        /// STUN server for our public address (repeatable).
+        #[arg(long, value_name = "HOST:PORT")]
+        stun: Vec<String>,
     },
     /// List peers announcing themselves on the LAN (broadcast and mDNS).
     Discover {
@@ -122,6 +133,16 @@ pub enum Command {
         /// Route this network through the tunnel (with --vpn; repeatable).
         #[arg(long, value_name = "CIDR")]
         route: Vec<String>,
+        /// QUIC over UDP instead of TCP (chat).
+        #[arg(long)]
+        udp: bool,
+        /// Reach the peer ID TARGET through this rendezvous/relay peer: relayed at once,
+        /// direct as soon as hole punching succeeds (chat).
+        #[arg(long, value_name = "HOST:PORT")]
+        relay: Option<String>,
+        /// STUN server for our public address (repeatable; with --relay).
+        #[arg(long, value_name = "HOST:PORT")]
+        stun: Vec<String>,
         /// Remote command: the words are joined by spaces and run by the peer user's shell,
         /// as with ssh.
         #[arg(
@@ -158,6 +179,50 @@ pub enum Command {
             value_name = "CMD"
         )]
         command: Vec<OsString>,
+    },
+    /// Round-trip times to a peer, and whether the path is direct or relayed.
+    Ping {
+        /// host[:port], PEERID@host:port, or PEERID with --relay.
+        target: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        relay: Option<String>,
+        /// QUIC over UDP instead of TCP (without --relay).
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, value_name = "HOST:PORT")]
+        stun: Vec<String>,
+        /// Number of pings.
+        #[arg(short, long, default_value_t = 5)]
+        count: u32,
+        /// Seconds between pings.
+        #[arg(short, long, default_value_t = 1.0)]
+        interval: f64,
+        /// Trust and remember a peer seen for the first time without asking.
+        #[arg(long)]
+        accept_new: bool,
+        #[arg(short, long)]
+        port: Option<u16>,
+    },
+    /// Check this network: local address, public address per STUN server, NAT mapping and
+    /// filtering behaviour (RFC 5780), whether UDP works, latency.
+    Netcheck {
+        /// STUN server (repeatable; default: $QSSH_HOME/stun_servers, else public servers).
+        #[arg(long, value_name = "HOST:PORT")]
+        stun: Vec<String>,
+        /// Local UDP port to test from (0: any).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+    /// Be a rendezvous and relay peer: listeners register by peer ID, connectors are
+    /// introduced for hole punching, and end-to-end encrypted traffic is relayed when no
+    /// direct path exists.
+    Relay {
+        /// UDP port.
+        #[arg(short, long, default_value_t = DEFAULT_RELAY_PORT)]
+        port: u16,
+        /// Address to bind (default: all IPv4 and IPv6 addresses).
+        #[arg(long, value_name = "IP")]
+        bind: Option<IpAddr>,
     },
     /// Forget the remembered peer ID of HOST[:PORT] in known_peers (after a legitimate key change).
     Forget {
@@ -419,6 +484,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             no_shell,
             no_forward,
             vpn,
+            relay,
+            stun,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
@@ -430,6 +497,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                         bind,
                         port,
                         announce: !no_announce,
+                        relay: relay.map(|r| with_default_port(&r, DEFAULT_RELAY_PORT)),
+                        stun,
                     }),
                     dial: None,
                     default_port: DEFAULT_PORT,
@@ -444,6 +513,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                         home: Some(home.clone()),
                     },
                     vpn,
+                    transport: crate::app::dial::Transport::Tcp,
                 },
             )
             .await
@@ -455,9 +525,17 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             io,
             vpn,
             route,
+            udp,
+            relay,
+            stun,
             command,
         } => {
             let home = open_home(&cli.home)?;
+            if (udp || relay.is_some())
+                && (!command.is_empty() || no_command || !vpn.vpn.is_empty())
+            {
+                bail!("--udp and --relay carry chat for now; shell, exec, -N and --vpn connect over TCP");
+            }
             if let Some(opts) = vpn.options(&route)? {
                 if !command.is_empty() || no_command {
                     bail!("--vpn runs the tunnel until interrupted: drop the command or -N");
@@ -492,6 +570,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                             psk,
                             policy: Policy::default(),
                             vpn: None,
+                            transport: transport(udp, relay, stun),
                         },
                     )
                     .await;
@@ -520,6 +599,41 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let home = open_home(&cli.home)?;
             remote(&home, peer, forwards, Mode::Exec(command), io).await
         }
+        Command::Ping {
+            target,
+            relay,
+            udp,
+            stun,
+            count,
+            interval,
+            accept_new,
+            port,
+        } => {
+            let home = open_home(&cli.home)?;
+            crate::app::netcmd::ping(
+                &home,
+                crate::app::netcmd::PingOptions {
+                    target,
+                    default_port: port.unwrap_or(DEFAULT_PORT),
+                    transport: transport(udp, relay, stun),
+                    count,
+                    interval: std::time::Duration::from_secs_f64(interval.clamp(0.01, 60.0)),
+                    accept_new,
+                    name: default_name(),
+                },
+            )
+            .await
+        }
+        Command::Netcheck { stun, port } => {
+            let home = open_home(&cli.home)?;
+            let servers = if stun.is_empty() {
+                configured_stun_servers(&home)
+            } else {
+                stun
+            };
+            crate::app::netcmd::netcheck(&servers, port).await
+        }
+        Command::Relay { port, bind } => crate::app::netcmd::relay(bind, port).await,
         Command::Discover {
             timeout,
             json,
@@ -566,6 +680,54 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Demo => crate::app::demo::run().await,
+    }
+}
+
+/// `HOST` → `HOST:PORT` with the default port; `HOST:PORT` and `[v6]:PORT` unchanged.
+fn with_default_port(s: &str, port: u16) -> String {
+    let has_port = if let Some(rest) = s.strip_prefix('[') {
+        rest.contains("]:")
+    } else {
+        s.matches(':').count() == 1
+    };
+    if has_port {
+        s.to_string()
+    } else if s.contains(':') && !s.starts_with('[') {
+        format!("[{s}]:{port}")
+    } else {
+        format!("{s}:{port}")
+    }
+}
+
+fn transport(udp: bool, relay: Option<String>, stun: Vec<String>) -> crate::app::dial::Transport {
+    use crate::app::dial::Transport;
+    match relay {
+        Some(r) => Transport::Relay {
+            relay: with_default_port(&r, DEFAULT_RELAY_PORT),
+            stun,
+        },
+        None if udp => Transport::Udp,
+        None => Transport::Tcp,
+    }
+}
+
+/// STUN servers from `$QSSH_HOME/stun_servers` (one HOST:PORT a line, `#` comments), else
+/// [`DEFAULT_STUN_SERVERS`].
+fn configured_stun_servers(home: &Home) -> Vec<String> {
+    let path = home.path().join("stun_servers");
+    let from_file: Vec<String> = std::fs::read_to_string(&path)
+        .map(|t| {
+            t.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+                .filter(|l| !l.is_empty())
+                .take(crate::core::limits::MAX_CANDIDATES)
+                .collect()
+        })
+        .unwrap_or_default();
+    if from_file.is_empty() {
+        DEFAULT_STUN_SERVERS.iter().map(|s| s.to_string()).collect()
+    } else {
+        from_file
     }
 }
 

@@ -43,6 +43,12 @@ pub const CHAIN_MESSAGE_KEY: &[u8] = b"qssh v1 chain message key";
 pub const CHAIN_NEXT: &[u8] = b"qssh v1 chain next";
 /// Datagram epoch key expansion (direction and epoch follow).
 pub const DATAGRAM_EPOCH: &[u8] = b"qssh v1 datagram epoch";
+/// MAC key use of a relay slot's punch key on punch probes.
+pub const PUNCH_MAC: &[u8] = b"qssh v1 punch mac";
+/// Context of a listener's signature on its relay registration.
+pub const SIGN_RELAY_REGISTRATION: &[u8] = b"qssh v1 relay registration";
+/// A relay's stateless cookie: HMAC(relay secret, label || address || period).
+pub const RELAY_COOKIE: &[u8] = b"qssh v1 relay cookie";
 
 /// All labels, for the distinctness test and the protocol document.
 pub const ALL: &[&[u8]] = &[
@@ -65,6 +71,9 @@ pub const ALL: &[&[u8]] = &[
     CHAIN_MESSAGE_KEY,
     CHAIN_NEXT,
     DATAGRAM_EPOCH,
+    PUNCH_MAC,
+    SIGN_RELAY_REGISTRATION,
+    RELAY_COOKIE,
 ];
 
 #[cfg(test)]

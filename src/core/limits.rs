@@ -100,3 +100,74 @@ pub const MAX_HOST_NAME: usize = 255;
 /// Largest body of one STDIN/STDOUT/STDERR message inside a shell/exec channel. Receivers
 /// stream data bodies without buffering them whole; control messages are a few bytes.
 pub const MAX_EXEC_DATA: usize = 1 << 20;
+// ---- NAT traversal: UDP socket, STUN, rendezvous and relay (docs/nat-traversal.md) ----
+
+/// Candidate addresses in one registration, introduction or lookup answer.
+pub const MAX_CANDIDATES: usize = 8;
+/// Bytes of a relay error reason.
+pub const MAX_RELAY_ERROR_TEXT: usize = 256;
+/// Largest UDP payload read from the shared socket (anything larger is truncated and dropped).
+pub const MAX_UDP_PAYLOAD: usize = 65_535;
+/// Largest packet a relay forwards in one RELAY_DATA message (QUIC packets are at most
+/// QUIC_MAX_UDP_PAYLOAD; the rest is headroom).
+pub const MAX_RELAY_PACKET: usize = 1500;
+/// QUIC's largest UDP payload: MTU discovery stops here, so a packet still fits a 1500-byte
+/// link with IPv6 and UDP headers after the relay adds its 9-byte header.
+pub const QUIC_MAX_UDP_PAYLOAD: u16 = 1400;
+/// Received QUIC packets queued for the QUIC engine; beyond this they are dropped (as a full
+/// socket buffer would).
+pub const QUIC_RECV_QUEUE: usize = 4096;
+/// STUN transactions waiting for an answer on one socket.
+pub const MAX_STUN_PENDING: usize = 64;
+/// A STUN request is retransmitted after this long ...
+pub const STUN_RETRANSMIT: std::time::Duration = std::time::Duration::from_millis(250);
+/// ... and given up after this long.
+pub const STUN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Registrations a relay holds at once.
+pub const MAX_REGISTRATIONS: usize = 4096;
+/// A registration lives this long without a refresh ...
+pub const REGISTRATION_TTL: Duration = Duration::from_secs(30);
+/// ... and listeners refresh it this often (this also keeps their NAT mapping to the relay).
+pub const REGISTRATION_REFRESH: Duration = Duration::from_secs(10);
+/// Relay slots (connector–listener pairs) at once, in total ...
+pub const MAX_SLOTS: usize = 4096;
+/// ... and per registered listener.
+pub const MAX_SLOTS_PER_PEER: usize = 32;
+/// A slot with no relayed packet and no introduction for this long is dropped.
+pub const SLOT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// A relay cookie is valid for the period it was made in and the next one.
+pub const COOKIE_PERIOD: Duration = Duration::from_secs(30);
+/// Control messages per second accepted from one source IP (IPv6: /64) ...
+pub const RELAY_CTRL_PER_IP_PER_SEC: u32 = 20;
+/// ... with this burst.
+pub const RELAY_CTRL_BURST_PER_IP: u32 = 40;
+/// Source addresses whose control rate a relay tracks (the oldest are forgotten beyond).
+pub const MAX_RELAY_TRACKED_SOURCES: usize = 16_384;
+/// Relayed bytes per second per slot (both directions together) ...
+pub const RELAY_BYTES_PER_SEC: u64 = 8 << 20;
+/// ... with this burst.
+pub const RELAY_BYTES_BURST: u64 = 2 << 20;
+/// Relayed packets per second per slot ...
+pub const RELAY_PACKETS_PER_SEC: u64 = 8192;
+/// ... with this burst.
+pub const RELAY_PACKETS_BURST: u64 = 2048;
+
+/// Punch probes go out this often while punching ...
+pub const PUNCH_INTERVAL: Duration = Duration::from_millis(20);
+/// ... for at most this many rounds (each round probes every candidate).
+pub const PUNCH_ROUNDS: u32 = 150;
+/// A direct path is kept alive (and checked) with a probe this often: well inside Linux's
+/// 30 s timeout for unreplied UDP mappings.
+pub const PATH_KEEPALIVE: Duration = Duration::from_secs(2);
+/// A direct path from which nothing arrived for this long is dead: traffic falls back to the
+/// relay and punching starts again.
+pub const PATH_TIMEOUT: Duration = Duration::from_secs(7);
+/// While relayed, punching is retried this often.
+pub const REPUNCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Birthday probing (port-restricted cone ↔ symmetric): sockets the symmetric side opens ...
+pub const BIRTHDAY_SOCKETS: usize = 256;
+/// ... and random destination ports the cone side probes, in total ...
+pub const BIRTHDAY_PROBES: usize = 1024;
+/// ... within this time.
+pub const BIRTHDAY_DURATION: Duration = Duration::from_secs(5);

@@ -13,6 +13,8 @@ pub mod identity;
 pub mod labels;
 pub mod limits;
 pub mod ratchet;
+pub mod relay;
+pub mod rendezvous;
 pub mod replay;
 pub mod service;
 pub mod session;

@@ -1,8 +1,10 @@
-//! Tokio driver for a [`Session`] over TCP: moves bytes between the socket and the sans-IO
-//! core, runs its timer, and exposes the session to the application as a command handle plus
-//! an event stream.
+//! Tokio driver for a [`Session`] over any reliable ordered byte stream — a TCP connection
+//! ([`spawn_session`]) or a QUIC bidirectional stream ([`spawn_session_io`] with quinn's
+//! `RecvStream`/`SendStream`): moves bytes between the stream and the sans-IO core, runs its
+//! timer, and exposes the session to the application as a command handle plus an event
+//! stream.
 //!
-//! The socket is split: a writer task drains sealed records so that reading never stalls
+//! The stream is split: a writer task drains sealed records so that reading never stalls
 //! behind a blocked write (two peers pushing bulk data at each other cannot deadlock). Bytes
 //! handed to the writer but not yet written are bounded by [`WRITE_HIGH_WATER`]; above it
 //! the driver stops taking application data, which is how backpressure reaches the sender.
@@ -14,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, trace};
@@ -137,31 +139,49 @@ impl PendingSend {
     }
 }
 
-/// Starts driving `session` over `stream`. Returns the handle, the event stream and the
-/// driver task (which ends after the session closed and its last records were written).
-pub fn spawn_session(
-    stream: TcpStream,
-    session: Session,
-) -> (
+/// What [`spawn_session`] and [`spawn_session_io`] return: the handle, the event stream and
+/// the driver task (which ends after the session closed and its last records were written).
+pub type Spawned = (
     SessionHandle,
     mpsc::UnboundedReceiver<Event>,
     tokio::task::JoinHandle<()>,
-) {
+);
+
+/// Starts driving `session` over a TCP connection.
+pub fn spawn_session(stream: TcpStream, session: Session) -> Spawned {
+    let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "tcp".to_string(), |a| a.to_string());
+    let (rd, wr) = stream.into_split();
+    spawn_session_io(rd, wr, session, peer)
+}
+
+/// Starts driving `session` over any reliable ordered byte stream given as its two halves
+/// (for QUIC: a bidirectional stream's `RecvStream` and `SendStream`). `label` names the
+/// link in logs. At the end of the session the writer is shut down (QUIC: `finish`).
+pub fn spawn_session_io<R, W>(rd: R, wr: W, session: Session, label: String) -> Spawned
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(drive(stream, session, rx, ev_tx));
+    let task = tokio::spawn(drive(rd, wr, session, rx, ev_tx, label));
     (SessionHandle { tx }, ev_rx, task)
 }
 
-async fn drive(
-    stream: TcpStream,
+async fn drive<R, W>(
+    mut rd: R,
+    mut wr: W,
     mut s: Session,
     mut cmds: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
-) {
-    let _ = stream.set_nodelay(true);
-    let peer_addr = stream.peer_addr().ok();
-    let (mut rd, mut wr) = stream.into_split();
+    peer_addr: String,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let in_flight = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(Notify::new());
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -206,7 +226,7 @@ async fn drive(
             }
         }
         while let Some(ev) = s.poll_event() {
-            trace!(?peer_addr, "event {ev:?}");
+            trace!(peer = %peer_addr, "event {ev:?}");
             let _ = events.send(ev);
         }
         if s.is_closed() {
