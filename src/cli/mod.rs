@@ -28,7 +28,8 @@ pub const MAX_DISCOVER_SECS: f64 = 600.0;
 /// Exit status for connection and authentication failures (as ssh).
 pub const EXIT_CONNECT: i32 = 255;
 /// Default UDP port of `qssh relay`.
-pub const DEFAULT_RELAY_PORT: u16 = 22223;
+/// (22223 is LAN discovery's port.)
+pub const DEFAULT_RELAY_PORT: u16 = 22224;
 /// Public STUN servers `qssh netcheck` uses when none are given (README).
 pub const DEFAULT_STUN_SERVERS: &[&str] = &["stun.l.google.com:19302", "stun.cloudflare.com:3478"];
 
@@ -93,7 +94,7 @@ pub enum Command {
         #[arg(long)]
         no_forward: bool,
         /// Register at this rendezvous/relay peer so others can connect by peer ID from
-        /// behind NATs (qssh relay; default port 22223).
+        /// behind NATs (qssh relay; default port 22224).
         #[arg(long, value_name = "HOST:PORT")]
         relay: Option<String>,
         /// STUN server for our public address (repeatable).
