@@ -470,11 +470,12 @@ while len(got) < 10:
         continue
     u = ip[h:]
     pl = u[8:]
-    if struct.unpack("!H", u[2:4])[0] == 22222 and pl[:1] == b"\x05" and len(pl) > 33:
-        got.append((socket.inet_ntoa(ip[16:20]), pl))
+    # Datagram records (first byte 0x05), whatever UDP port the listener's VPN uses.
+    if pl[:1] == b"\x05" and len(pl) > 33:
+        got.append((socket.inet_ntoa(ip[16:20]), struct.unpack("!H", u[2:4])[0], pl))
 o = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for d, pl in got:
-    o.sendto(pl, (d, 22222))
+for d, port, pl in got:
+    o.sendto(pl, (d, port))
 print("replayed", len(got), flush=True)
 "#;
     let mut cap = p.lab.spawn(1, "python3", &["-c", capture]);
