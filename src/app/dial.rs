@@ -26,6 +26,8 @@ use tokio::sync::mpsc;
 
 /// TCP connect timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP connect timeout per address when there are several to try.
+pub const CONNECT_TIMEOUT_PER_CANDIDATE: Duration = Duration::from_secs(2);
 
 /// A failure to reach or authenticate the peer: the CLI exits 255 for these.
 #[derive(Debug, Error)]
@@ -363,13 +365,19 @@ pub async fn dial(
     let mut last = String::from("no addresses");
     let mut stream = None;
     for addr in &addrs {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        // Several candidates (discovery may list unreachable ones): do not let one stall.
+        let per_addr = if addrs.len() > 1 {
+            CONNECT_TIMEOUT_PER_CANDIDATE
+        } else {
+            CONNECT_TIMEOUT
+        };
+        match tokio::time::timeout(per_addr, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 stream = Some(s);
                 break;
             }
             Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
+            Err(_) => last = format!("timed out after {}s", per_addr.as_secs()),
         }
     }
     let stream = stream.ok_or_else(|| ConnectError::Tcp {
