@@ -600,12 +600,15 @@ fn bench_punch() {
                 &[("QSSH_HOME", &chome)],
             );
             con.send_line("first");
-            ok(lis.wait_out(|x| x.ends_with("first"), LINE_WAIT), &mut lis);
+            let r = lis.wait_out(|x| x.ends_with("first"), LINE_WAIT);
+            if r.is_err() {
+                eprintln!("connector stderr:\n{}", con.drain_err());
+            }
+            ok(r, &mut lis);
             let first = t0.elapsed();
             let direct = con
-                .seen_or_wait_err(|x| x.starts_with("path: direct "), PUNCH_WAIT)
-                .ok()
-                .map(|_| t0.elapsed());
+                .err_time(|x| x.starts_with("path: direct "), PUNCH_WAIT)
+                .map(|t| t.duration_since(t0));
             let err = con.drain_err();
             let last = err
                 .lines()

@@ -259,3 +259,19 @@ fn relay_refuses_an_unknown_peer_with_255() {
     let line = c.wait_err(|l| l.starts_with("qssh: "));
     assert!(line.contains("not registered"), "{line}");
 }
+
+/// `echo hi | qssh connect --udp ...`: a line piped before the session exists is delivered
+/// (the dialed session joins the chat room before input is read), five times over.
+#[test]
+fn piped_line_before_connect_is_delivered() {
+    let (lh, ch) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let id = peer_id(lh.path());
+    let (mut l, port) = listener(lh.path(), &[]);
+    let target = format!("{id}@127.0.0.1:{port}");
+    for i in 0..5 {
+        let mut c = start(ch.path(), &["connect", &target, "--udp", "--name", "con"]);
+        c.say(&format!("early bird {i}"));
+        l.wait_out(|x| x.ends_with(&format!("early bird {i}")));
+        assert_eq!(c.finish(), 0, "{:#?}", c.errs);
+    }
+}
