@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Installs what the test suites need that a fresh Debian machine may lack, and nothing that
-# is already there (safe to run again and again):
-#   - iproute2 (`ip`) and procps (`sysctl`, `kill`): network-namespace labs (tests/netns/).
-#   - nftables, conntrack, coturn, tcpdump: NAT traversal labs (tests/nat_lab.rs).
-#   - python3 + python-zeroconf: an independent mDNS/DNS-SD browser that checks what qssh
-#     registers (tests/netns/zeroconf_browse.py).
-# Needs root (or sudo) only when something is missing.
+# is already there (safe to run again and again). One Debian package per line, with the test
+# that needs it. Needs root (or sudo) only when something is missing.
 set -euo pipefail
+
+PACKAGES=(
+  iproute2  # tests/netns: `ip netns`, veth, bridges
+  procps    # tests/netns: sysctl, kill, ps
+  python3   # tests/netns: the independent mDNS browser (python-zeroconf)
+  tmux      # tests/shell_tmux.rs: drives an interactive `qssh shell` in a real terminal
+  vim-tiny  # tests/shell_tmux.rs: a full-screen program (vi) inside the remote shell
+  less      # tests/shell_tmux.rs: a pager inside the remote shell
+  iperf3    # tests/vpn_netns.rs: TCP and UDP throughput through the tunnel
+  iputils-ping  # tests/vpn_netns.rs: ping both ways over IPv4 and IPv6
+  util-linux    # tests/vpn_netns.rs: setpriv (a run without CAP_NET_ADMIN)
+  nftables  # tests/nat_lab.rs: NAT routers
+  conntrack # tests/nat_lab.rs: flushing NAT mappings
+  coturn    # tests/nat_lab.rs: STUN server and turnutils_natdiscovery
+  tcpdump   # tests/nat_lab.rs: capture on the relay (no plaintext)
+)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -25,15 +37,9 @@ apt_install() {
 }
 
 missing=()
-command -v ip >/dev/null 2>&1 || missing+=(iproute2)
-{ command -v sysctl >/dev/null 2>&1 && command -v kill >/dev/null 2>&1; } || missing+=(procps)
-command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
-# NAT traversal labs (tests/nat_lab.rs): NAT routers, conntrack flushes, coturn as the STUN
-# server (and turnutils_natdiscovery), packet capture on the relay.
-command -v nft >/dev/null 2>&1 || missing+=(nftables)
-command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
-command -v turnserver >/dev/null 2>&1 || missing+=(coturn)
-command -v tcpdump >/dev/null 2>&1 || missing+=(tcpdump)
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "ci-deps: installing ${missing[*]}"
   apt_install "${missing[@]}"
@@ -47,4 +53,4 @@ if ! python3 -c 'import zeroconf' >/dev/null 2>&1; then
     || apt_install python3-zeroconf
 fi
 
-echo "ci-deps: $(ip -V 2>&1 | head -n1); python zeroconf $(python3 -c 'import zeroconf; print(zeroconf.__version__)')"
+echo "ci-deps: ok ($(ip -V 2>&1 | head -n1); python zeroconf $(python3 -c 'import zeroconf; print(zeroconf.__version__)'))"

@@ -10,8 +10,12 @@ use super::chat::{
     Input, LineBuffer, HELP,
 };
 use super::dial::{dial_with, resolve_target, ConnectError, Connected, DialOptions, Transport};
+use super::exec::{self, Requester};
+use super::forward;
+pub use super::policy::Policy;
 use super::router::{route, Channel, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
+use super::vpn::{ListenerVpn, VpnOptions, VpnServer};
 use crate::core::admission::Admission;
 use crate::core::announce::ListenPort;
 use crate::core::crypto::{OsRandom, Secret32};
@@ -60,26 +64,10 @@ pub struct ListenOptions {
     pub name: String,
     pub psk: Option<Secret32>,
     pub policy: Policy,
+    /// `--vpn`: serve VPN channels on this tunnel configuration.
+    pub vpn: Option<VpnOptions>,
     /// How the command-line target is reached: TCP, QUIC over UDP, or through a relay.
     pub transport: Transport,
-}
-
-/// Which authenticated peers may open which channel kinds.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    /// Listener switches: off for everyone.
-    pub no_shell: bool,
-    pub no_forward: bool,
-}
-
-impl Policy {
-    /// `Ok` if `peer` may open a channel of `kind`; otherwise the reason the peer is told.
-    pub fn authorize(&self, _peer: &PeerId, kind: ChannelKind) -> Result<(), String> {
-        match kind {
-            ChannelKind::Chat => Ok(()),
-            _ => Err(format!("{kind:?} is not offered by this listener")),
-        }
-    }
 }
 
 /// A connected peer.
@@ -110,6 +98,7 @@ struct Shared {
     transport: Transport,
     /// How the first dialed session ended (the connector's exit status follows it).
     first_close: Mutex<Option<CloseReason>>,
+    vpn: Option<Arc<VpnServer>>,
 }
 
 /// Binds the listening socket: `[::]` (IPv4 and IPv6) by default, IPv4 if IPv6 is off.
@@ -134,6 +123,13 @@ pub async fn bind(bind: Option<IpAddr>, port: u16) -> Result<TcpListener> {
 /// until its input ends (then every session is closed gracefully) or its last peer leaves.
 pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
     let identity = load_identity(home)?;
+    let (listener, vpn) = match &opts.listen {
+        Some(on) => {
+            let (l, a, u, v) = start_listening(&identity, &opts.name, on, opts.vpn.clone()).await?;
+            (Some((l, a, u)), v)
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         room: Arc::new(Mutex::new(BTreeMap::new())),
         admission: Mutex::new(Admission::default()),
@@ -147,6 +143,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         default_port: opts.default_port,
         transport: opts.transport.clone(),
         first_close: Mutex::new(None),
+        vpn,
     });
     let mut tasks = tokio::task::JoinSet::new();
     let mut next_id = 0u64;
@@ -156,10 +153,6 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
         next_id += 1;
         tasks.spawn(serve_dialed(next_id, d, shared.clone(), true));
     }
-    let listener = match &opts.listen {
-        Some(on) => Some(start_listening(&identity, &opts.name, on).await?),
-        None => None,
-    };
     // The line editor starts after the first dial: its trust question owns the terminal.
     let console = shared.console.clone();
     let mut input = start_input(&console);
@@ -198,9 +191,10 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                     Box::new(OsRandom),
                 );
                 let (id, shared) = (next_id, shared.clone());
+                let udp_local = incoming.local_ip().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |ip| SocketAddr::new(ip, 0));
                 tasks.spawn(async move {
                     match crate::net::quic::accept(incoming, HANDSHAKE_TIMEOUT).await {
-                        Ok(link) => serve_peer(id, crate::net::quic::spawn_session(link, session), addr, shared).await,
+                        Ok(link) => serve_peer(id, crate::net::quic::spawn_session(link, session), addr, udp_local, shared).await,
                         Err(e) => {
                             let _ = shared.admission.lock().expect("admission lock").handshake_done(false);
                             info!(%addr, "QUIC connection failed: {e}");
@@ -223,7 +217,8 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                     Instant::now(),
                     Box::new(OsRandom),
                 );
-                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, shared.clone()));
+                let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, local, shared.clone()));
             }
             line = input.recv(), if input_open => match line {
                 Some(Input::Line(l)) => match parse_line(&l) {
@@ -386,9 +381,22 @@ async fn start_listening(
     identity: &Arc<Identity>,
     name: &str,
     on: &ListenOn,
-) -> Result<(TcpListener, Option<Announcer>, Option<UdpSide>)> {
+    vpn: Option<VpnOptions>,
+) -> Result<(
+    TcpListener,
+    Option<Announcer>,
+    Option<UdpSide>,
+    Option<Arc<VpnServer>>,
+)> {
     let listener = bind(on.bind, on.port).await?;
     let local = listener.local_addr()?;
+    // The tunnel first: without the right to create it, the one error line is all there is.
+    let vpn = match vpn {
+        // The listener port's UDP socket carries QUIC; the VPN's datagrams get their own
+        // (ephemeral) port, told to the connector in the VPN channel parameters.
+        Some(v) => Some(VpnServer::start(v, SocketAddr::new(local.ip(), 0))?),
+        None => None,
+    };
     eprintln!(
         "listening on {} as {} ({})",
         match on.bind {
@@ -416,7 +424,7 @@ async fn start_listening(
         None
     };
     let udp = start_udp(identity, local.port(), on).await?;
-    Ok((listener, announcer, udp))
+    Ok((listener, announcer, udp, vpn))
 }
 
 /// Resolves and dials `target` for the room. Only the command-line target may ask the
@@ -530,10 +538,16 @@ async fn broadcast(room: &Room, text: String) {
     }
 }
 
-async fn serve_peer(id: u64, spawned: Spawned, addr: SocketAddr, shared: Arc<Shared>) {
+async fn serve_peer(
+    id: u64,
+    spawned: Spawned,
+    addr: SocketAddr,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+) {
     let (handle, events, task) = spawned;
     let (router, incoming) = route(handle, events);
-    serve_session(id, addr, router, incoming, shared, None).await;
+    serve_session(id, addr, local, router, incoming, shared, None).await;
     let _ = task.await;
 }
 
@@ -597,6 +611,7 @@ fn serve_dialed(
         let reason = serve_session(
             id,
             d.addr,
+            SocketAddr::from(([0, 0, 0, 0], 0)),
             d.router,
             d.incoming,
             shared.clone(),
@@ -612,9 +627,11 @@ fn serve_dialed(
 }
 
 /// Serves one session's requests under the policy until it ends; returns why it ended.
+#[allow(clippy::too_many_arguments)]
 async fn serve_session(
     id: u64,
     addr: SocketAddr,
+    local: SocketAddr,
     router: RouterHandle,
     mut incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
     shared: Arc<Shared>,
@@ -622,6 +639,7 @@ async fn serve_session(
 ) -> Option<CloseReason> {
     let outgoing = who.is_some();
     let mut ended = None;
+    let mut vpn: Option<ListenerVpn> = None;
     while let Some(inc) = incoming.recv().await {
         match inc {
             Incoming::Established { peer, name } => {
@@ -660,19 +678,41 @@ async fn serve_session(
                 };
                 if let Err(why) = shared.policy.authorize(&peer, kind) {
                     warn!(peer = %peer, %addr, "refused {kind:?} channel: {why}");
-                    router.reject(ch, CloseCode::Refused, &why);
+                    router.reject(ch, CloseCode::Refused, &why.to_string());
                     continue;
                 }
-                let channel = router.accept(ch, kind);
+                if kind == ChannelKind::Vpn {
+                    match (&shared.vpn, &vpn) {
+                        (Some(_), Some(_)) => {
+                            router.reject(ch, CloseCode::Limit, "one VPN channel per session");
+                        }
+                        (Some(server), None) => match server.accept(&router, ch, &params, peer) {
+                            Ok(v) => vpn = Some(v),
+                            Err(why) => warn!(peer = %peer, %addr, "refused VPN: {why}"),
+                        },
+                        (None, _) => router.reject(ch, CloseCode::Refused, "no VPN here"),
+                    }
+                    continue;
+                }
                 match kind {
                     ChannelKind::Chat => {
-                        let (tx, rx) = channel.split();
+                        let (tx, rx) = router.accept(ch, kind).split();
                         if let Some(m) = shared.room.lock().expect("room lock").get_mut(&id) {
                             m.chat = Some(tx.clone());
                         }
                         tokio::spawn(chat_member(tx, rx, name, peer, shared.console.clone()));
                     }
-                    other => serve_channel(other, channel, params),
+                    other => serve_channel(
+                        other,
+                        router.clone(),
+                        ch,
+                        params,
+                        Requester {
+                            peer,
+                            remote: addr,
+                            local,
+                        },
+                    ),
                 }
             }
             Incoming::Closed(reason) => {
@@ -687,7 +727,12 @@ async fn serve_session(
                 ended = Some(reason);
                 break;
             }
-            Incoming::DatagramEpoch { .. } | Incoming::Pong(_) => {}
+            Incoming::DatagramEpoch { .. } | Incoming::DatagramEpochConfirmed { .. } => {
+                if let Some(v) = &vpn {
+                    v.on_incoming(&inc);
+                }
+            }
+            Incoming::Pong(_) => {}
         }
     }
     if who.is_some() {
@@ -707,12 +752,31 @@ async fn serve_session(
     ended
 }
 
-/// Channel kinds other than chat, once authorized.
-fn serve_channel(kind: ChannelKind, channel: Channel, _params: Vec<u8>) {
-    channel.close(
-        CloseCode::Unsupported,
-        &format!("{kind:?} is not offered by this listener"),
-    );
+/// Channel kinds other than chat, once authorized: each request is served by its own task,
+/// which accepts or refuses the channel once it knows whether it can serve it.
+fn serve_channel(
+    kind: ChannelKind,
+    router: RouterHandle,
+    ch: u32,
+    params: Vec<u8>,
+    who: Requester,
+) {
+    match kind {
+        ChannelKind::Shell | ChannelKind::Exec => {
+            tokio::spawn(exec::serve(router, ch, kind, params, who));
+        }
+        ChannelKind::ForwardTcp => {
+            tokio::spawn(forward::serve_direct(router, ch, params, who.peer));
+        }
+        ChannelKind::ReverseForward => {
+            tokio::spawn(forward::serve_reverse(router, ch, params, who.peer));
+        }
+        ChannelKind::Chat | ChannelKind::Vpn => router.reject(
+            ch,
+            CloseCode::Unsupported,
+            &format!("{kind:?} is not offered by this listener"),
+        ),
+    }
 }
 
 async fn chat_member(

@@ -1,12 +1,18 @@
-//! Services on top of a session (chat, and later shell, exec, forwarding, VPN) and the local
+//! Services on top of a session (chat, shell, exec, forwarding, and later the VPN) and the local
 //! state they use (identity, known and authorized peers).
 
 pub mod chat;
 pub mod demo;
 pub mod dial;
+pub mod exec;
+pub mod forward;
 pub mod keys;
 pub mod listener;
 pub mod netcmd;
+pub mod policy;
+pub mod pty;
 pub mod router;
+pub mod shell;
 pub mod store;
 pub mod target;
+pub mod vpn;

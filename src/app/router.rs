@@ -35,6 +35,10 @@ pub enum Incoming {
         epoch: u32,
         secret: [u8; 32],
     },
+    /// The peer installed our datagram epoch `epoch`.
+    DatagramEpochConfirmed {
+        epoch: u32,
+    },
     Pong(std::time::Duration),
     Closed(CloseReason),
 }
@@ -121,6 +125,16 @@ struct Routes {
     closed: bool,
 }
 
+impl Routes {
+    /// Drops the routes of channels whose owner is gone (it closed the channel and dropped
+    /// it; the session reports no event for a close we started), so a long session with many
+    /// short channels (forwarded connections) keeps one route per live channel.
+    fn forget_finished(&mut self) {
+        self.map
+            .retain(|_, route| !matches!(route, Route::Open(tx) if tx.is_closed()));
+    }
+}
+
 /// Opens and accepts channels of one session.
 #[derive(Clone)]
 pub struct RouterHandle {
@@ -153,6 +167,7 @@ impl RouterHandle {
             if r.closed {
                 return Err(OpenError::Closed);
             }
+            r.forget_finished();
             r.map.insert(ch, Route::Opening(kind, tx));
             // The answer may have overtaken the registration: replay it now.
             if let Some(early) = r.early.remove(&ch) {
@@ -168,14 +183,17 @@ impl RouterHandle {
         }
     }
 
-    /// Accepts a channel the peer requested.
+    /// Accepts a channel the peer requested. On a session that has ended meanwhile, the
+    /// channel's `recv` returns `None` at once.
     pub fn accept(&self, ch: u32, kind: ChannelKind) -> Channel {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.routes
-            .lock()
-            .expect("routes lock")
-            .map
-            .insert(ch, Route::Open(tx));
+        {
+            let mut r = self.routes.lock().expect("routes lock");
+            if !r.closed {
+                r.forget_finished();
+                r.map.insert(ch, Route::Open(tx));
+            }
+        }
         self.handle.accept_channel(ch);
         Channel {
             id: ch,
@@ -215,6 +233,9 @@ pub fn route(
                 }
                 Event::Established { peer, name, .. } => Incoming::Established { peer, name },
                 Event::DatagramEpoch { epoch, secret } => Incoming::DatagramEpoch { epoch, secret },
+                Event::DatagramEpochConfirmed { epoch } => {
+                    Incoming::DatagramEpochConfirmed { epoch }
+                }
                 Event::Pong { rtt } => Incoming::Pong(rtt),
                 Event::VerifyPeer { .. } => continue,
                 Event::Closed { reason } => {

@@ -3,15 +3,20 @@
 //! Errors reach the user as one line, `qssh: what failed: why`, with a hint where there is
 //! something to do. Connection and authentication failures exit with 255, as ssh does.
 
+use crate::app::forward::ForwardSpec;
 use crate::app::keys::describe_identity;
 use crate::app::listener::{self, ListenOn, ListenOptions, Policy};
+use crate::app::pty;
+use crate::app::shell::{self, Mode, RemoteOptions};
 use crate::app::store::Home;
+use crate::app::vpn::{VpnOptions, VpnSetupError};
 use crate::core::crypto::Secret32;
-use crate::core::identity::Algorithm;
+use crate::core::identity::{Algorithm, PeerId};
 use crate::core::limits::PSK_LEN;
+use crate::core::vpn::Prefix;
 use crate::net::discovery::{discover, DiscoverOptions};
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -23,7 +28,8 @@ pub const MAX_DISCOVER_SECS: f64 = 600.0;
 /// Exit status for connection and authentication failures (as ssh).
 pub const EXIT_CONNECT: i32 = 255;
 /// Default UDP port of `qssh relay`.
-pub const DEFAULT_RELAY_PORT: u16 = 22223;
+/// (22223 is LAN discovery's port.)
+pub const DEFAULT_RELAY_PORT: u16 = 22224;
 /// Public STUN servers `qssh netcheck` uses when none are given (README).
 pub const DEFAULT_STUN_SERVERS: &[&str] = &["stun.l.google.com:19302", "stun.cloudflare.com:3478"];
 
@@ -57,7 +63,8 @@ pub enum Command {
     },
     /// Print this peer's ID (first line, alone), algorithm, fingerprint and key sizes.
     Id,
-    /// Wait for peers: chat with everyone who connects.
+    /// Wait for peers: chat with everyone who connects; serve shell, exec and forwarding to
+    /// authorized peers ($QSSH_HOME/authorized_peers or --allow).
     Listen {
         /// Address to bind (default: all IPv4 and IPv6 addresses).
         #[arg(long, value_name = "IP")]
@@ -71,11 +78,23 @@ pub enum Command {
         /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into every handshake.
         #[arg(long, value_name = "FILE")]
         psk_file: Option<PathBuf>,
+        #[command(flatten)]
+        vpn: VpnArgs,
         /// Do not announce this listener on the LAN (broadcast and mDNS).
         #[arg(long)]
         no_announce: bool,
+        /// Authorize this peer for shell, exec and forwarding (repeatable), besides
+        /// authorized_peers.
+        #[arg(long = "allow", value_name = "PEERID")]
+        allow: Vec<PeerId>,
+        /// No shell and no exec for anyone.
+        #[arg(long)]
+        no_shell: bool,
+        /// No port forwarding for anyone.
+        #[arg(long)]
+        no_forward: bool,
         /// Register at this rendezvous/relay peer so others can connect by peer ID from
-        /// behind NATs (qssh relay; default port 22223).
+        /// behind NATs (qssh relay; default port 22224).
         #[arg(long, value_name = "HOST:PORT")]
         relay: Option<String>,
         /// STUN server for our public address (repeatable).
@@ -97,32 +116,70 @@ pub enum Command {
         #[arg(long)]
         no_mdns: bool,
     },
-    /// Connect to a peer and chat. TARGET: host, host:port, PEERID@host:port, or a name,
+    /// Connect to a peer: chat, or run CMD like ssh (`qssh connect TARGET -- CMD ARGS`), or
+    /// only forward ports with -N. TARGET: host, host:port, PEERID@host:port, or a name,
     /// peer ID or ID prefix (8+ characters) found by LAN discovery.
     Connect {
-        target: String,
-        /// Trust and remember a peer seen for the first time without asking.
-        #[arg(long)]
-        accept_new: bool,
-        /// Name shown to the peer (default: user@host).
-        #[arg(long)]
-        name: Option<String>,
-        /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into the handshake.
-        #[arg(long, value_name = "FILE")]
-        psk_file: Option<PathBuf>,
-        /// Port, when TARGET does not name one.
-        #[arg(short, long)]
-        port: Option<u16>,
-        /// QUIC over UDP instead of TCP.
+        #[command(flatten)]
+        peer: PeerArgs,
+        #[command(flatten)]
+        forwards: ForwardArgs,
+        /// Forward ports only: no command, no chat.
+        #[arg(short = 'N')]
+        no_command: bool,
+        #[command(flatten)]
+        io: IoArgs,
+        #[command(flatten)]
+        vpn: VpnArgs,
+        /// Route this network through the tunnel (with --vpn; repeatable).
+        #[arg(long, value_name = "CIDR")]
+        route: Vec<String>,
+        /// QUIC over UDP instead of TCP (chat).
         #[arg(long)]
         udp: bool,
         /// Reach the peer ID TARGET through this rendezvous/relay peer: relayed at once,
-        /// direct as soon as hole punching succeeds.
+        /// direct as soon as hole punching succeeds (chat).
         #[arg(long, value_name = "HOST:PORT")]
         relay: Option<String>,
         /// STUN server for our public address (repeatable; with --relay).
         #[arg(long, value_name = "HOST:PORT")]
         stun: Vec<String>,
+        /// Remote command: the words are joined by spaces and run by the peer user's shell,
+        /// as with ssh.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Open an interactive login shell on the peer, as the user who runs its listener.
+    Shell {
+        #[command(flatten)]
+        peer: PeerArgs,
+        #[command(flatten)]
+        forwards: ForwardArgs,
+        /// -tt: a terminal even when stdin is not one.
+        #[arg(short = 't', action = clap::ArgAction::Count)]
+        tty: u8,
+    },
+    /// Run CMD on the peer (`qssh exec TARGET -- CMD ARGS`); its exit status becomes ours.
+    Exec {
+        #[command(flatten)]
+        peer: PeerArgs,
+        #[command(flatten)]
+        forwards: ForwardArgs,
+        #[command(flatten)]
+        io: IoArgs,
+        /// The command: the words are joined by spaces and run by the peer user's shell, as
+        /// with ssh.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
     },
     /// Round-trip times to a peer, and whether the path is direct or relayed.
     Ping {
@@ -177,12 +234,115 @@ pub enum Command {
     Demo,
 }
 
+/// How to reach a peer (connect, shell, exec).
+#[derive(Args, Debug)]
+pub struct PeerArgs {
+    /// host, host:port, [v6]:port or PEERID@host:port.
+    pub target: String,
+    /// Trust and remember a peer seen for the first time without asking.
+    #[arg(long)]
+    pub accept_new: bool,
+    /// Name shown to the peer (default: user@host).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Mix this 32-byte pre-shared key (raw or 64 hex digits) into the handshake.
+    #[arg(long, value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// Port, when TARGET does not name one.
+    #[arg(short, long)]
+    pub port: Option<u16>,
+}
+
+/// Port forwards, as ssh's -L and -R.
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// Listen on local [BIND:]PORT (default bind: loopback) and forward each connection
+    /// through the peer to HOST:HOSTPORT (repeatable).
+    #[arg(short = 'L', value_name = "[BIND:]PORT:HOST:HOSTPORT")]
+    pub local: Vec<ForwardSpec>,
+    /// Ask the peer to listen on its loopback [BIND:]PORT (0: any free port) and forward
+    /// each connection back to HOST:HOSTPORT from here (repeatable).
+    #[arg(short = 'R', value_name = "[BIND:]PORT:HOST:HOSTPORT")]
+    pub remote: Vec<ForwardSpec>,
+}
+
+/// Terminal and stdin of a remote command.
+#[derive(Args, Debug)]
+pub struct IoArgs {
+    /// Ask for a terminal (-t: if stdin is one; -tt: always).
+    #[arg(short = 't', action = clap::ArgAction::Count)]
+    pub tty: u8,
+    /// Read nothing from stdin (as ssh -n).
+    #[arg(short = 'n')]
+    pub stdin_null: bool,
+}
+
+/// VPN flags shared by `listen` and `connect`.
+#[derive(clap::Args, Debug)]
+pub struct VpnArgs {
+    /// Bring up a VPN with these tunnel addresses (IPv4 and/or IPv6 with prefix, comma
+    /// separated or repeated), e.g. --vpn 10.200.0.1/24,fd00:200::1/64.
+    #[arg(long, value_name = "ADDR/PREFIX", value_delimiter = ',')]
+    vpn: Vec<String>,
+    /// Name of the TUN interface (default: qvpnN, the first free N).
+    #[arg(long, value_name = "NAME", requires = "vpn")]
+    tun_name: Option<String>,
+    /// Tunnel MTU.
+    #[arg(long, default_value_t = crate::core::vpn::DEFAULT_VPN_MTU, requires = "vpn")]
+    mtu: u16,
+    /// Carry VPN packets only over the session's TCP link (no UDP path).
+    #[arg(long, requires = "vpn")]
+    no_udp: bool,
+    /// Do not use TUN offloads (IFF_VNET_HDR segmentation/coalescing).
+    #[arg(long, requires = "vpn")]
+    no_offload: bool,
+    /// Rotate datagram keys after this many packets (lower than the protocol's 2^24; for
+    /// tests and benchmarks).
+    #[arg(long, hide = true, value_name = "N")]
+    rekey_packets: Option<u64>,
+}
+
+impl VpnArgs {
+    fn options(&self, routes: &[String]) -> Result<Option<VpnOptions>> {
+        if self.vpn.is_empty() {
+            if !routes.is_empty() {
+                bail!("--route needs --vpn");
+            }
+            return Ok(None);
+        }
+        let parse = |v: &[String]| -> Result<Vec<Prefix>> {
+            v.iter()
+                .filter(|a| !a.trim().is_empty())
+                .map(|a| a.parse::<Prefix>().map_err(anyhow::Error::from))
+                .collect()
+        };
+        let opts = VpnOptions {
+            addresses: parse(&self.vpn)?,
+            tun_name: self.tun_name.clone(),
+            routes: parse(routes)?,
+            mtu: self.mtu,
+            udp: !self.no_udp,
+            offload: !self.no_offload,
+            rekey: self
+                .rekey_packets
+                .map(|n| (n, crate::core::limits::DATAGRAM_REKEY_INTERVAL)),
+        };
+        opts.validate()?;
+        Ok(Some(opts))
+    }
+}
+
 /// Runs the CLI with `args`; returns the process exit status.
 pub fn run<I, T>(args: I) -> i32
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    // The PTY helper (see app::pty) runs before anything else: no runtime, no logging.
+    if args.get(1).is_some_and(|a| a == pty::PTY_HELPER) {
+        return pty::helper_main(&args[2..]);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -205,9 +365,13 @@ where
     let code = match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let code = e
-                .downcast_ref::<crate::app::dial::ConnectError>()
-                .map_or(1, |_| EXIT_CONNECT);
+            let remote = e.downcast_ref::<crate::app::dial::ConnectError>().is_some()
+                || e.downcast_ref::<crate::app::shell::RemoteError>().is_some()
+                || matches!(
+                    e.downcast_ref::<VpnSetupError>(),
+                    Some(VpnSetupError::Refused(_) | VpnSetupError::Protocol(_))
+                );
+            let code = if remote { EXIT_CONNECT } else { 1 };
             eprintln!("qssh: {}", one_line(&e));
             code
         }
@@ -317,11 +481,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             name,
             psk_file,
             no_announce,
+            allow,
+            no_shell,
+            no_forward,
+            vpn,
             relay,
             stun,
         } => {
             let home = open_home(&cli.home)?;
             let psk = psk_file.as_deref().map(read_psk).transpose()?;
+            let vpn = vpn.options(&[])?;
             listener::listen(
                 &home,
                 ListenOptions {
@@ -337,38 +506,99 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     accept_new: false,
                     name: name.unwrap_or_else(default_name),
                     psk,
-                    policy: Policy::default(),
+                    policy: Policy {
+                        no_shell,
+                        no_forward,
+                        vpn: vpn.is_some(),
+                        allow,
+                        home: Some(home.clone()),
+                    },
+                    vpn,
                     transport: crate::app::dial::Transport::Tcp,
                 },
             )
             .await
         }
         Command::Connect {
-            target,
-            accept_new,
-            name,
-            psk_file,
-            port,
+            peer,
+            forwards,
+            no_command,
+            io,
+            vpn,
+            route,
             udp,
             relay,
             stun,
+            command,
         } => {
             let home = open_home(&cli.home)?;
-            let psk = psk_file.as_deref().map(read_psk).transpose()?;
-            listener::listen(
-                &home,
-                ListenOptions {
-                    listen: None,
-                    dial: Some(target),
-                    default_port: port.unwrap_or(DEFAULT_PORT),
-                    accept_new,
-                    name: name.unwrap_or_else(default_name),
-                    psk,
-                    policy: Policy::default(),
-                    transport: transport(udp, relay, stun),
-                },
-            )
-            .await
+            if (udp || relay.is_some())
+                && (!command.is_empty() || no_command || !vpn.vpn.is_empty())
+            {
+                bail!("--udp and --relay carry chat for now; shell, exec, -N and --vpn connect over TCP");
+            }
+            if let Some(opts) = vpn.options(&route)? {
+                if !command.is_empty() || no_command {
+                    bail!("--vpn runs the tunnel until interrupted: drop the command or -N");
+                }
+                let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
+                return crate::app::vpn::connect(
+                    &home,
+                    &peer.target,
+                    peer.port.unwrap_or(DEFAULT_PORT),
+                    (peer.accept_new, peer.name.unwrap_or_else(default_name), psk),
+                    opts,
+                )
+                .await;
+            }
+            let mode = match (no_command, command.is_empty()) {
+                (true, false) => bail!("-N runs no command: drop -N or the command"),
+                (true, true) => Mode::ForwardOnly,
+                (false, false) => Mode::Exec(command),
+                (false, true) => {
+                    if !forwards.local.is_empty() || !forwards.remote.is_empty() {
+                        bail!("port forwarding needs -N or a command (chat carries no forwards); for a shell use `qssh shell`");
+                    }
+                    let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
+                    return listener::listen(
+                        &home,
+                        ListenOptions {
+                            listen: None,
+                            dial: Some(peer.target),
+                            default_port: peer.port.unwrap_or(DEFAULT_PORT),
+                            accept_new: peer.accept_new,
+                            name: peer.name.unwrap_or_else(default_name),
+                            psk,
+                            policy: Policy::default(),
+                            vpn: None,
+                            transport: transport(udp, relay, stun),
+                        },
+                    )
+                    .await;
+                }
+            };
+            remote(&home, peer, forwards, mode, io).await
+        }
+        Command::Shell {
+            peer,
+            forwards,
+            tty,
+        } => {
+            let home = open_home(&cli.home)?;
+            let io = IoArgs {
+                tty,
+                stdin_null: false,
+            };
+            remote(&home, peer, forwards, Mode::Shell, io).await
+        }
+        Command::Exec {
+            peer,
+            forwards,
+            io,
+            command,
+        } => {
+            let home = open_home(&cli.home)?;
+            remote(&home, peer, forwards, Mode::Exec(command), io).await
         }
         Command::Ping {
             target,
@@ -502,12 +732,45 @@ fn configured_stun_servers(home: &Home) -> Vec<String> {
     }
 }
 
+/// shell, exec, and connect with a command or -N.
+async fn remote(
+    home: &Home,
+    peer: PeerArgs,
+    forwards: ForwardArgs,
+    mode: Mode,
+    io: IoArgs,
+) -> Result<i32> {
+    let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
+    Ok(shell::run(
+        home,
+        RemoteOptions {
+            target: peer.target,
+            default_port: peer.port.unwrap_or(DEFAULT_PORT),
+            accept_new: peer.accept_new,
+            name: peer.name.unwrap_or_else(default_name),
+            psk,
+            mode,
+            tty: io.tty,
+            stdin_null: io.stdin_null,
+            local_forwards: forwards.local,
+            remote_forwards: forwards.remote,
+        },
+    )
+    .await?)
+}
+
 fn print_identity(info: &crate::app::keys::IdentityInfo) {
-    println!("{}", info.peer_id);
-    println!("algorithm:   {}", info.algorithm_name);
-    println!("fingerprint: {}", info.fingerprint);
-    println!(
-        "sizes:       public key {} bytes, signature {} bytes",
-        info.public_key_len, info.signature_len
-    );
+    use std::io::Write;
+    // Ignore a closed pipe (`qssh id | head -1`): the first line already went out.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", info.peer_id)
+        .and_then(|()| writeln!(out, "algorithm:   {}", info.algorithm_name))
+        .and_then(|()| writeln!(out, "fingerprint: {}", info.fingerprint))
+        .and_then(|()| {
+            writeln!(
+                out,
+                "sizes:       public key {} bytes, signature {} bytes",
+                info.public_key_len, info.signature_len
+            )
+        });
 }

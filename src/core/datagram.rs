@@ -99,7 +99,7 @@
 //! input makes `open` panic or allocate beyond the record's own (bounded) size.
 
 use super::codec::{DecodeError, Reader};
-use super::crypto::{aead_open, aead_seal, hkdf_expand, Secret32, SecureRandom, TAG_LEN};
+use super::crypto::{hkdf_expand, AeadKey, Secret32, SecureRandom, TAG_LEN};
 use super::labels;
 use super::limits::{
     DATAGRAM_EPOCH_GRACE, DATAGRAM_MAX_PACKETS, DATAGRAM_REJECT_AFTER, DATAGRAM_REKEY_INTERVAL,
@@ -107,7 +107,7 @@ use super::limits::{
 };
 use super::replay::ReplayWindow;
 use std::fmt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -253,12 +253,14 @@ pub fn peek_receiver_session(record: &[u8]) -> Option<u32> {
     r.u32().ok()
 }
 
-fn epoch_key(secret: &Secret32, direction: Direction, session: u32, epoch: u32) -> Secret32 {
+/// The epoch's AES-256-GCM key, with its key schedule ready (one expansion per epoch, not
+/// per packet); the derived bytes are erased when this returns.
+fn epoch_key(secret: &Secret32, direction: Direction, session: u32, epoch: u32) -> AeadKey {
     let mut ctx = [0u8; 9];
     ctx[0] = direction.wire();
     ctx[1..5].copy_from_slice(&session.to_be_bytes());
     ctx[5..9].copy_from_slice(&epoch.to_be_bytes());
-    hkdf_expand(secret, labels::DATAGRAM_EPOCH, &ctx)
+    AeadKey::new(&hkdf_expand(secret, labels::DATAGRAM_EPOCH, &ctx))
 }
 
 fn nonce(counter: u64) -> [u8; 12] {
@@ -290,7 +292,7 @@ fn deadline(now: Instant, d: std::time::Duration) -> Instant {
 
 struct SendEpoch {
     epoch: u32,
-    key: Secret32,
+    key: AeadKey,
     next_counter: u64,
     created: Instant,
 }
@@ -304,6 +306,9 @@ pub struct DatagramSender {
     /// Highest epoch number created so far (0: none).
     last_epoch: u32,
     sealed: u64,
+    /// Rotation thresholds: the protocol limits unless lowered by [`Self::set_rekey_limits`].
+    rekey_packets: u64,
+    rekey_interval: Duration,
 }
 
 impl fmt::Debug for DatagramSender {
@@ -333,7 +338,17 @@ impl DatagramSender {
             pending: None,
             last_epoch: 0,
             sealed: 0,
+            rekey_packets: DATAGRAM_REKEY_PACKETS,
+            rekey_interval: DATAGRAM_REKEY_INTERVAL,
         }
+    }
+
+    /// Asks for rotation sooner than DATAGRAM_REKEY_PACKETS / DATAGRAM_REKEY_INTERVAL, never
+    /// later (values above the limits are clamped to them): rotation under load is then
+    /// observable in tests and benchmarks.
+    pub fn set_rekey_limits(&mut self, packets: u64, interval: Duration) {
+        self.rekey_packets = packets.clamp(1, DATAGRAM_REKEY_PACKETS);
+        self.rekey_interval = interval.min(DATAGRAM_REKEY_INTERVAL);
     }
 
     /// The epoch new datagrams are sealed under.
@@ -359,8 +374,8 @@ impl DatagramSender {
         match &self.active {
             None => true,
             Some(e) => {
-                e.next_counter >= DATAGRAM_REKEY_PACKETS
-                    || now.saturating_duration_since(e.created) >= DATAGRAM_REKEY_INTERVAL
+                e.next_counter >= self.rekey_packets
+                    || now.saturating_duration_since(e.created) >= self.rekey_interval
             }
         }
     }
@@ -429,7 +444,7 @@ impl DatagramSender {
         out.extend_from_slice(&hdr);
         let body = out.len();
         out.extend_from_slice(plaintext);
-        aead_seal(&ep.key, &nonce(counter), &hdr, out, body);
+        ep.key.seal(&nonce(counter), &hdr, out, body);
         ep.next_counter = counter + 1;
         self.sealed = self.sealed.saturating_add(1);
         Ok(())
@@ -438,7 +453,7 @@ impl DatagramSender {
 
 struct RecvEpoch {
     epoch: u32,
-    key: Secret32,
+    key: AeadKey,
     window: ReplayWindow,
     /// Erased at this time whatever else happens (rule 4).
     hard_deadline: Instant,
@@ -622,7 +637,7 @@ impl DatagramReceiver {
         let (hdr, sealed) = record.split_at(DATAGRAM_HEADER_LEN);
         let start = out.len();
         out.extend_from_slice(sealed);
-        match aead_open(&ep.key, &nonce(counter), hdr, &mut out[start..]) {
+        match ep.key.open(&nonce(counter), hdr, &mut out[start..]) {
             Ok(n) => out.truncate(start + n),
             Err(_) => {
                 out[start..].zeroize();
@@ -1042,6 +1057,28 @@ mod tests {
             tx.rotate(t, &mut rng).map(|a| a.epoch),
             Err(DatagramError::EpochsExhausted)
         );
+    }
+
+    #[test]
+    fn rekey_limits_only_lower() {
+        let t = Instant::now();
+        let mut rng = DeterministicRandom::new(19);
+        let mut tx = DatagramSender::new(DIR, SESSION);
+        tx.set_rekey_limits(3, Duration::from_secs(1));
+        let a = tx.rotate(t, &mut rng).unwrap();
+        tx.activate(a.epoch).unwrap();
+        for _ in 0..3 {
+            assert!(!tx.needs_rotation(t));
+            tx.seal(t, b"x", &mut Vec::new()).unwrap();
+        }
+        assert!(tx.needs_rotation(t));
+        let b = tx.rotate(t, &mut rng).unwrap();
+        tx.activate(b.epoch).unwrap();
+        assert!(tx.needs_rotation(t + Duration::from_secs(1)));
+        // Asking for later rotation than the protocol allows keeps the protocol limits.
+        tx.set_rekey_limits(u64::MAX, Duration::from_secs(100_000));
+        assert!(!tx.needs_rotation(t + DATAGRAM_REKEY_INTERVAL - Duration::from_millis(1)));
+        assert!(tx.needs_rotation(t + DATAGRAM_REKEY_INTERVAL));
     }
 
     #[test]

@@ -110,6 +110,11 @@ pub enum Frame<'a> {
         epoch: u32,
         secret: [u8; 32],
     },
+    /// The receiver installed the sender's datagram epoch `epoch`: the sender may now seal
+    /// under it (step 4 of the rotation in core::datagram).
+    DatagramEpochOk {
+        epoch: u32,
+    },
 }
 
 const T_OPEN: u8 = 1;
@@ -123,6 +128,7 @@ const T_PING: u8 = 8;
 const T_PONG: u8 = 9;
 const T_SESSION_CLOSE: u8 = 10;
 const T_DATAGRAM_EPOCH: u8 = 11;
+const T_DATAGRAM_EPOCH_OK: u8 = 12;
 
 impl<'a> Frame<'a> {
     /// Encodes the frame. Callers keep data and reasons within the limits; reasons are
@@ -168,6 +174,9 @@ impl<'a> Frame<'a> {
             }
             Frame::DatagramEpoch { epoch, secret } => {
                 w.u8(T_DATAGRAM_EPOCH).u32(epoch).bytes(&secret);
+            }
+            Frame::DatagramEpochOk { epoch } => {
+                w.u8(T_DATAGRAM_EPOCH_OK).u32(epoch);
             }
         }
     }
@@ -217,6 +226,7 @@ impl<'a> Frame<'a> {
                 epoch: r.u32()?,
                 secret: r.array()?,
             },
+            T_DATAGRAM_EPOCH_OK => Frame::DatagramEpochOk { epoch: r.u32()? },
             _ => return Err(DecodeError::Invalid("frame type")),
         })
     }
@@ -272,6 +282,7 @@ mod tests {
                 epoch: 3,
                 secret: [9; 32],
             },
+            Frame::DatagramEpochOk { epoch: 3 },
         ]
     }
 
@@ -288,6 +299,18 @@ mod tests {
                 assert!(v.len() < samples().len());
             }
         }
+    }
+
+    #[test]
+    fn datagram_epoch_ok_is_byte_exact() {
+        let mut buf = Vec::new();
+        Frame::DatagramEpochOk { epoch: 0x0102_0304 }.encode(&mut buf);
+        assert_eq!(buf, [12, 1, 2, 3, 4]);
+        assert_eq!(
+            Frame::decode_all(&buf[..4]),
+            Err(DecodeError::Truncated),
+            "short epoch"
+        );
     }
 
     #[test]

@@ -85,6 +85,21 @@ pub const HANDSHAKE_BURST_PER_IP: u32 = 20;
 /// Pre-shared key length in bytes.
 pub const PSK_LEN: usize = 32;
 
+/// Bytes of a terminal type name (`TERM`) in shell/exec parameters.
+pub const MAX_TERM_NAME: usize = 64;
+/// Environment variables one shell/exec request may carry.
+pub const MAX_ENV_VARS: usize = 32;
+/// Bytes of an environment variable name ...
+pub const MAX_ENV_NAME: usize = 64;
+/// ... and of its value.
+pub const MAX_ENV_VALUE: usize = 1024;
+/// Words of a remote command (the whole request is also bounded by MAX_CHANNEL_PARAMS).
+pub const MAX_EXEC_ARGS: usize = 1024;
+/// Bytes of a host name or address in forwarding parameters (a DNS name is at most 253).
+pub const MAX_HOST_NAME: usize = 255;
+/// Largest body of one STDIN/STDOUT/STDERR message inside a shell/exec channel. Receivers
+/// stream data bodies without buffering them whole; control messages are a few bytes.
+pub const MAX_EXEC_DATA: usize = 1 << 20;
 // ---- NAT traversal: UDP socket, STUN, rendezvous and relay (docs/nat-traversal.md) ----
 
 /// Candidate addresses in one registration, introduction or lookup answer.

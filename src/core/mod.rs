@@ -16,4 +16,6 @@ pub mod ratchet;
 pub mod relay;
 pub mod rendezvous;
 pub mod replay;
+pub mod service;
 pub mod session;
+pub mod vpn;

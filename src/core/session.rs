@@ -124,6 +124,11 @@ pub enum Event {
         epoch: u32,
         secret: [u8; 32],
     },
+    /// The peer installed our datagram epoch `epoch` (answer to our announcement): activate
+    /// it in the datagram sender.
+    DatagramEpochConfirmed {
+        epoch: u32,
+    },
     /// A ping we sent came back.
     Pong {
         rtt: std::time::Duration,
@@ -742,6 +747,10 @@ impl Session {
                 self.events
                     .push_back(Event::DatagramEpoch { epoch, secret });
             }
+            Frame::DatagramEpochOk { epoch } => {
+                self.events
+                    .push_back(Event::DatagramEpochConfirmed { epoch });
+            }
         }
         Ok(())
     }
@@ -979,6 +988,13 @@ impl Session {
     ) -> Result<(), SessionError> {
         self.est()?;
         self.queue_frame(now, Frame::DatagramEpoch { epoch, secret });
+        Ok(())
+    }
+
+    /// Confirms that we installed the peer's datagram epoch `epoch`, so it may activate it.
+    pub fn confirm_datagram_epoch(&mut self, now: Instant, epoch: u32) -> Result<(), SessionError> {
+        self.est()?;
+        self.queue_frame(now, Frame::DatagramEpochOk { epoch });
         Ok(())
     }
 

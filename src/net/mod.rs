@@ -6,4 +6,6 @@ pub mod quic;
 pub mod relay;
 pub mod stun;
 pub mod tcp;
+pub mod tun;
 pub mod udp;
+pub mod udp_path;

@@ -46,6 +46,7 @@ enum Command {
     Consumed(u32, usize),
     Ping,
     DatagramEpoch(u32, [u8; 32]),
+    DatagramEpochOk(u32),
     Stats(oneshot::Sender<(SessionStats, Option<RatchetStats>)>),
     Close(CloseCode, String),
 }
@@ -105,6 +106,10 @@ impl SessionHandle {
     }
     pub fn announce_datagram_epoch(&self, epoch: u32, secret: [u8; 32]) {
         self.cmd(Command::DatagramEpoch(epoch, secret));
+    }
+    /// Tells the peer we installed its datagram epoch `epoch`.
+    pub fn confirm_datagram_epoch(&self, epoch: u32) {
+        self.cmd(Command::DatagramEpochOk(epoch));
     }
     /// Record and ratchet counters (None once the session is gone).
     pub async fn stats(&self) -> Option<(SessionStats, Option<RatchetStats>)> {
@@ -342,6 +347,9 @@ fn apply(
         }
         Command::DatagramEpoch(epoch, secret) => {
             let _ = s.announce_datagram_epoch(now, epoch, secret);
+        }
+        Command::DatagramEpochOk(epoch) => {
+            let _ = s.confirm_datagram_epoch(now, epoch);
         }
         // Deferred by the driver loop until queued data has gone out.
         Command::Close(code, reason) => s.close(now, code, &reason),

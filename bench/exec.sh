@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# qssh exec against OpenSSH, side by side in the same run, on loopback:
+#   - latency: `qssh exec TARGET true` vs `ssh host true`, median of RUNS runs each;
+#   - throughput: BULK_MIB MiB through `qssh exec TARGET cat` vs
+#     `ssh -c aes256-gcm@openssh.com host cat`.
+# OpenSSH runs as a throwaway sshd with its own host key, authorized_keys and config in a
+# temporary directory (`sshd -f CONF -D -e` on 127.0.0.1:PORT), killed on exit; /etc/ssh is
+# never read or written. Goals: latency <= 0.1x ssh, throughput >= 1.5x ssh.
+#
+# Usage: bash bench/exec.sh            (RUNS=20 BULK_MIB=2048 by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-20}
+BULK_MIB=${BULK_MIB:-2048}
+SSH_PORT=${SSH_PORT:-22722}
+QSSH_PORT=${QSSH_PORT:-22723}
+
+missing=()
+for p in openssh-server openssh-client; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+cargo build --release --quiet
+QSSH="${CARGO_TARGET_DIR:-target}/release/qssh"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# ---- OpenSSH: a private sshd ----
+ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
+ssh-keygen -q -t ed25519 -N '' -f "$work/user_key"
+cp "$work/user_key.pub" "$work/authorized_keys"
+cat > "$work/sshd_config" <<EOF
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $work/host_key
+AuthorizedKeysFile $work/authorized_keys
+PidFile $work/sshd.pid
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+Ciphers aes256-gcm@openssh.com,aes128-gcm@openssh.com,chacha20-poly1305@openssh.com
+EOF
+mkdir -p /run/sshd # sshd's privilege separation directory
+/usr/sbin/sshd -f "$work/sshd_config" -D -e 2> "$work/sshd.log" &
+pids+=($!)
+SSH=(ssh -F /dev/null -i "$work/user_key" -p "$SSH_PORT" -o BatchMode=yes
+     -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile="$work/known_hosts"
+     -o LogLevel=ERROR)
+
+# ---- qssh: a listener authorizing the client ----
+export QSSH_HOME="$work/qssh-client"
+cid=$("$QSSH" id | sed -n 1p)
+lid=$(QSSH_HOME="$work/qssh-listener" "$QSSH" id | sed -n 1p)
+QSSH_HOME="$work/qssh-listener" "$QSSH" listen --bind 127.0.0.1 --port "$QSSH_PORT" \
+  --allow "$cid" < /dev/null > /dev/null 2> "$work/qssh-listener.log" &
+pids+=($!)
+TARGET="$lid@127.0.0.1:$QSSH_PORT"
+
+# Both servers up (bounded wait).
+for _ in $(seq 1 100); do
+  if "${SSH[@]}" 127.0.0.1 true 2>/dev/null && "$QSSH" exec -n "$TARGET" true 2>/dev/null; then
+    break
+  fi
+  sleep 0.1
+done
+"${SSH[@]}" 127.0.0.1 true
+"$QSSH" exec -n "$TARGET" true
+
+now_ns() { date +%s%N; }
+
+# Median wall time in ms of RUNS runs of "$@".
+median_ms() {
+  local t0 t1 times=()
+  for _ in $(seq 1 "$RUNS"); do
+    t0=$(now_ns)
+    "$@" < /dev/null > /dev/null
+    t1=$(now_ns)
+    times+=($(( (t1 - t0) / 1000 )))
+  done
+  printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f", m/1000}'
+}
+
+# CPU time (user + sys, children included) of a process, in clock ticks.
+proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 + $14 + $15 }' "/proc/$1/stat"; }
+TICKS=$(getconf CLK_TCK)
+
+# BULK_MIB MiB through "$@" (stdin to stdout), whose server is process $1: prints
+# "MB/s CPU-seconds", the CPU being everything involved (client pipeline, server, remote cat).
+throughput() {
+  local server=$1 t0 t1 c0 c1 n
+  shift
+  c0=$(proc_ticks "$server")
+  t0=$(now_ns)
+  local TIMEFORMAT='%U %S'
+  { time (head -c "$((BULK_MIB * 1024 * 1024))" /dev/zero | "$@" | wc -c > "$work/count"); } 2> "$work/time"
+  t1=$(now_ns)
+  sleep 0.5 # let the server reap its per-connection children
+  c1=$(proc_ticks "$server")
+  n=$(cat "$work/count")
+  if [ "$n" -ne "$((BULK_MIB * 1024 * 1024))" ]; then
+    echo "transfer lost bytes: $n" >&2
+    exit 1
+  fi
+  awk -v n="$n" -v ns="$((t1 - t0))" -v c="$((c1 - c0))" -v hz="$TICKS" -v t="$(tail -n 1 "$work/time")" \
+    'BEGIN { split(t, u, " "); printf "%.0f %.2f", n / (ns / 1e9) / 1e6, c / hz + u[1] + u[2] }'
+}
+
+echo "qssh $("$QSSH" --version | awk '{print $2}') vs $(ssh -V 2>&1 | cut -d, -f1), loopback, $(nproc) cores"
+q_lat=$(median_ms "$QSSH" exec "$TARGET" true)
+s_lat=$(median_ms "${SSH[@]}" 127.0.0.1 true)
+printf 'latency  exec true   qssh %8.2f ms   ssh %8.2f ms   qssh/ssh %.3f (goal <= 0.1)\n' \
+  "$q_lat" "$s_lat" "$(awk -v a="$q_lat" -v b="$s_lat" 'BEGIN{print a/b}')"
+read -r q_tp q_cpu <<< "$(throughput "${pids[1]}" "$QSSH" exec "$TARGET" cat)"
+read -r s_tp s_cpu <<< "$(throughput "${pids[0]}" "${SSH[@]}" -c aes256-gcm@openssh.com 127.0.0.1 cat)"
+printf 'bulk     %d MiB cat  qssh %8d MB/s ssh %8d MB/s qssh/ssh %.2f  (goal >= 1.5)\n' \
+  "$BULK_MIB" "$q_tp" "$s_tp" "$(awk -v a="$q_tp" -v b="$s_tp" 'BEGIN{print a/b}')"
+# Wall-clock throughput depends on what else runs on the machine; the CPU spent per byte by
+# everything involved does not, and is what bounds throughput on an idle machine.
+printf 'cpu      %d MiB cat  qssh %8.2f s    ssh %8.2f s    ssh/qssh %.2f (CPU-bound throughput ratio)\n' \
+  "$BULK_MIB" "$q_cpu" "$s_cpu" "$(awk -v a="$q_cpu" -v b="$s_cpu" 'BEGIN{print b/a}')"
+uptime | sed 's/.*load/load/'

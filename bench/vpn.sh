@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# VPN benchmark: the same two-namespace topology (two hosts joined by a veth pair) three
+# times, with the qssh VPN, boringtun (user-space WireGuard, `--threads 1`, configured with
+# `wg`) and `ssh -w`. For each it prints iperf3 TCP throughput through the tunnel (median of
+# REPS runs of DURATION seconds), ping RTT through the tunnel (average of 20), and the time
+# from starting the dialing side's process to the first ping reply through the tunnel, with
+# ratios to boringtun measured in the same run. Only ratios within one run mean anything.
+#
+# Needs root, iproute2, iperf3, ping, python3, wireguard-tools (`wg`), openssh client and
+# server, and boringtun-cli (`cargo install boringtun-cli`; installed here if missing).
+# Environment: QSSH (binary, default target/release/qssh, built if missing), REPS (3),
+# DURATION (5), ONLY (qssh|boringtun|ssh to run one), QSSH_ARGS (extra qssh VPN flags, both
+# sides, e.g. "--no-udp" for the TCP link or "--no-offload").
+#
+# First-reply time: bench/first_reply.py, already running in the dialing namespace, starts
+# the dialing side (for boringtun and ssh -w, the commands that configure the interface,
+# which their users must run too) and sends an ICMP echo every millisecond from a raw socket
+# until one is answered: ~1 ms resolution.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-5}
+ONLY=${ONLY:-}
+QSSH=${QSSH:-target/release/qssh}
+QSSH_ARGS=${QSSH_ARGS:-}
+
+[ "$(id -u)" -eq 0 ] || { echo "vpn.sh: needs root (network namespaces)" >&2; exit 1; }
+for t in ip iperf3 ping python3; do
+  command -v "$t" >/dev/null || { echo "vpn.sh: $t missing (bash scripts/ci-deps.sh)" >&2; exit 1; }
+done
+if [ -z "$ONLY" ] || [ "$ONLY" = boringtun ]; then
+  command -v wg >/dev/null || apt-get install -y -qq --no-install-recommends wireguard-tools >/dev/null
+  command -v boringtun-cli >/dev/null || [ -x "$HOME/.cargo/bin/boringtun-cli" ] \
+    || cargo install --locked boringtun-cli
+  BORINGTUN=$(command -v boringtun-cli || echo "$HOME/.cargo/bin/boringtun-cli")
+fi
+if [ -z "$ONLY" ] || [ "$ONLY" = ssh ]; then
+  command -v sshd >/dev/null || apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null
+fi
+if [ -z "$ONLY" ] || [ "$ONLY" = qssh ]; then
+  [ -x "$QSSH" ] || cargo build --release --locked
+fi
+
+ID=$$
+A=qvb$ID-a
+B=qvb$ID-b
+TMP=$(mktemp -d /tmp/qssh-vpn-bench.XXXXXX)
+UNDER_A=10.77.0.1
+UNDER_B=10.77.0.2
+
+ns_clean() {
+  for ns in "$A" "$B"; do
+    if ip netns list | grep -qw "$ns"; then
+      for p in $(ip netns pids "$ns" 2>/dev/null | head -n 1000); do kill -KILL "$p" 2>/dev/null || true; done
+      ip netns del "$ns" 2>/dev/null || true
+    fi
+  done
+}
+cleanup() { ns_clean; rm -rf "$TMP"; }
+trap cleanup EXIT INT TERM
+
+topology() {
+  ns_clean
+  ip netns add "$A"; ip netns add "$B"
+  ip link add eth0 netns "$A" type veth peer name eth0 netns "$B"
+  ip -n "$A" addr add $UNDER_A/24 dev eth0
+  ip -n "$B" addr add $UNDER_B/24 dev eth0
+  for ns in "$A" "$B"; do
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set eth0 up
+  done
+}
+
+# first_reply DST LOG CMD...: runs CMD in B and prints ms from its start to the first reply.
+first_reply() {
+  local dst=$1 log=$2
+  shift 2
+  ip netns exec "$B" python3 bench/first_reply.py "$dst" 10 "$log" -- "$@"
+}
+
+rtt() {
+  ip netns exec "$B" ping -n -q -c 20 -i 0.05 "$1" | awk -F/ '/^rtt/ {print $5}'
+}
+
+throughput() {
+  local dst=$1 runs=() r
+  for r in $(seq 1 "$REPS"); do
+    ip netns exec "$A" iperf3 -s -1 -B "$dst" >/dev/null 2>&1 &
+    sleep 0.3
+    runs+=("$(ip netns exec "$B" iperf3 -c "$dst" -t "$DURATION" -J 2>/dev/null \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)' \
+      || echo 0)")
+    wait || true
+  done
+  printf '%s\n' "${runs[@]}" | sort -g | awk '{a[NR]=$1} END {printf "%.2f", a[int((NR+1)/2)]}'
+}
+
+declare -A TP RT FR
+
+bench_qssh() {
+  topology
+  local ha=$TMP/qa hb=$TMP/qb idb
+  idb=$("$QSSH" --home "$hb" id 2>/dev/null | head -n1)
+  "$QSSH" --home "$ha" id >/dev/null 2>&1
+  # shellcheck disable=SC2086
+  ip netns exec "$A" "$QSSH" --home "$ha" listen --bind $UNDER_A --vpn 10.200.0.1/24 --allow "$idb" $QSSH_ARGS \
+    </dev/null >"$TMP/qa.out" 2>"$TMP/qa.err" &
+  for _ in $(seq 1 200); do grep -q "listening on" "$TMP/qa.err" 2>/dev/null && break; sleep 0.02; done
+  # shellcheck disable=SC2086
+  FR[qssh]=$(first_reply 10.200.0.1 "$TMP/qb.err" \
+    "$QSSH" --home "$hb" connect $UNDER_A --accept-new --vpn 10.200.0.2/24 $QSSH_ARGS)
+  sleep 0.5
+  RT[qssh]=$(rtt 10.200.0.1)
+  TP[qssh]=$(throughput 10.200.0.1)
+  ns_clean
+  grep -h "^vpn: peer .* sent" "$TMP/qb.err" "$TMP/qa.err" 2>/dev/null | sed 's/^/  # /' || true
+}
+
+bench_boringtun() {
+  topology
+  local ia=bta$ID ib=btb$ID
+  wg genkey >"$TMP/ka"; wg pubkey <"$TMP/ka" >"$TMP/pa"
+  wg genkey >"$TMP/kb"; wg pubkey <"$TMP/kb" >"$TMP/pb"
+  ip netns exec "$A" env WG_SUDO=1 "$BORINGTUN" --foreground --threads 1 --disable-drop-privileges "$ia" \
+    >"$TMP/bta.log" 2>&1 &
+  for _ in $(seq 1 200); do [ -S "/var/run/wireguard/$ia.sock" ] && break; sleep 0.02; done
+  ip netns exec "$A" wg set "$ia" private-key "$TMP/ka" listen-port 51820 \
+    peer "$(cat "$TMP/pb")" allowed-ips 10.201.0.2/32
+  ip -n "$A" addr add 10.201.0.1/24 dev "$ia"
+  ip -n "$A" link set "$ia" up
+  # What a boringtun user runs on the dialing side: start it, configure it with wg, address
+  # and link up.
+  cat >"$TMP/btb.sh" <<EOF
+WG_SUDO=1 "$BORINGTUN" --foreground --threads 1 --disable-drop-privileges $ib >"$TMP/btb.log" 2>&1 &
+for _ in \$(seq 1 5000); do [ -S /var/run/wireguard/$ib.sock ] && break; sleep 0.001; done
+wg set $ib private-key "$TMP/kb" peer "$(cat "$TMP/pa")" endpoint $UNDER_A:51820 allowed-ips 10.201.0.0/24
+ip addr add 10.201.0.2/24 dev $ib
+ip link set $ib up
+EOF
+  FR[boringtun]=$(first_reply 10.201.0.1 "$TMP/btb.sh.log" bash "$TMP/btb.sh")
+  sleep 0.5
+  RT[boringtun]=$(rtt 10.201.0.1)
+  TP[boringtun]=$(throughput 10.201.0.1)
+  ns_clean
+  rm -f "/var/run/wireguard/$ia.sock" "/var/run/wireguard/$ib.sock"
+}
+
+bench_ssh() {
+  topology
+  mkdir -p /run/sshd
+  ssh-keygen -q -t ed25519 -N '' -f "$TMP/hostkey"
+  ssh-keygen -q -t ed25519 -N '' -f "$TMP/userkey"
+  cp "$TMP/userkey.pub" "$TMP/authorized_keys"
+  cat >"$TMP/sshd_config" <<EOF
+ListenAddress $UNDER_A
+Port 22
+HostKey $TMP/hostkey
+PermitRootLogin prohibit-password
+AuthorizedKeysFile $TMP/authorized_keys
+StrictModes no
+UsePAM no
+PermitTunnel yes
+PidFile $TMP/sshd.pid
+EOF
+  ip netns exec "$A" "$(command -v sshd)" -f "$TMP/sshd_config" -D -e >"$TMP/sshd.log" 2>&1 &
+  for _ in $(seq 1 200); do ip netns exec "$A" ss -ltn 2>/dev/null | grep -q ":22 " && break; sleep 0.02; done
+  # What an `ssh -w` user runs: the client, then both ends' tun7 addressed and up (the
+  # server end as soon as sshd created it).
+  cat >"$TMP/ssh.sh" <<EOF
+ssh -q -i "$TMP/userkey" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \\
+  -o BatchMode=yes -w 7:7 -N root@$UNDER_A >"$TMP/ssh.log" 2>&1 &
+for _ in \$(seq 1 10000); do
+  ip link show tun7 >/dev/null 2>&1 && ip -n $A link show tun7 >/dev/null 2>&1 && break
+  sleep 0.001
+done
+ip -n $A addr add 10.202.0.1/24 dev tun7; ip -n $A link set tun7 up
+ip addr add 10.202.0.2/24 dev tun7; ip link set tun7 up
+EOF
+  FR[ssh]=$(first_reply 10.202.0.1 "$TMP/ssh.sh.log" bash "$TMP/ssh.sh")
+  sleep 0.5
+  RT[ssh]=$(rtt 10.202.0.1)
+  TP[ssh]=$(throughput 10.202.0.1)
+  ns_clean
+}
+
+for t in boringtun qssh ssh; do
+  if [ -z "$ONLY" ] || [ "$ONLY" = "$t" ]; then "bench_$t"; fi
+done
+
+ratio() { python3 -c "
+a, b = '$1', '$2'
+try: print(f'{float(a)/float(b):.2f}x')
+except Exception: print('-')"; }
+
+printf '\n%-10s %22s %22s %24s\n' tunnel "TCP Gbit/s (median $REPS)" "ping RTT ms (avg 20)" "start to first reply ms"
+for t in boringtun qssh ssh; do
+  [ -n "${TP[$t]:-}" ] || continue
+  printf '%-10s %12s %9s %12s %9s %14s %9s\n' "$( [ "$t" = ssh ] && echo 'ssh -w' || echo "$t")" \
+    "${TP[$t]}" "$(ratio "${TP[$t]}" "${TP[boringtun]:-x}")" \
+    "${RT[$t]}" "$(ratio "${RT[$t]}" "${RT[boringtun]:-x}")" \
+    "${FR[$t]}" "$(ratio "${FR[$t]}" "${FR[boringtun]:-x}")"
+done
+echo "(ratios are to boringtun in this run; qssh flags: ${QSSH_ARGS:-default})"

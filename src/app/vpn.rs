@@ -1,0 +1,1391 @@
+//! The VPN service: `qssh listen --vpn ADDR` and `qssh connect TARGET --vpn ADDR`.
+//!
+//! Each side owns one TUN interface ([`Tunnel`]) and a table of peers. A packet read from the
+//! TUN goes to the peer its destination belongs to (the listener: the peer whose tunnel
+//! address it is; the connector: its one peer), over the UDP path when both directions of it
+//! are confirmed, otherwise over the VPN channel of the session (reliable, on the TCP link).
+//! A packet that arrives from a peer, by either path, is written to the TUN only if its
+//! source address is one that peer may use (crypto-routing: `core::vpn::check_inbound`);
+//! everything else is dropped and counted.
+//!
+//! UDP: packets travel as datagram records (`core::datagram`) under per-direction epoch keys.
+//! Each side announces its epoch secrets through the session (DATAGRAM_EPOCH), the receiver
+//! installs them and confirms (DATAGRAM_EPOCH_OK), and only then does the sender seal under
+//! the new epoch, so a rotation never leaves the receiver without the key of a packet in
+//! flight. Senders rotate on the schedule of `DatagramSender::needs_rotation` (packets and
+//! time). Wire formats and the path rules are in docs/vpn.md.
+//!
+//! Tasks per tunnel: one TUN reader (batches of up to 128 packets, GSO-split by tun-rs with
+//! offload), one UDP reader (recvmmsg/GRO); per peer: one channel reader and one control task
+//! (epochs, path probes and keepalives, key expiry). Nothing here parses wire bytes itself:
+//! that is `core::vpn` and `core::datagram`.
+
+use super::dial::{dial, resolve_target, ConnectError, DialOptions};
+use super::router::{route, ChannelEvent, ChannelSender, Incoming, RouterHandle};
+use super::store::Home;
+use crate::core::crypto::{random_array, OsRandom, Secret32};
+use crate::core::datagram::{
+    peek_receiver_session, DatagramReceiver, DatagramSender, DatagramStats, Direction,
+    EpochAnnouncement, DATAGRAM_OVERHEAD,
+};
+use crate::core::frame::{ChannelKind, CloseCode};
+use crate::core::identity::PeerId;
+use crate::core::session::CloseReason;
+use crate::core::vpn::{
+    check_inbound, ip_addresses, AllowedIps, Deframer, PathNews, Prefix, UdpPath, Verdict,
+    VpnError, VpnMessage, VpnParams, MAX_ROUTES, MAX_TUNNEL_ADDRESSES, MAX_VPN_MTU, MIN_VPN_MTU,
+};
+use crate::net::tcp::SessionHandle;
+use crate::net::tun::{Tun, TunConfig, TunError};
+use crate::net::udp_path::{records, PacketPath, UdpLink};
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+/// How long a connector waits for the listener's PARAMS after the channel opened.
+pub const PARAMS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control tasks look at their timers at least this often (rotation by age, key expiry).
+const CONTROL_TICK: Duration = Duration::from_secs(1);
+/// A TUN read batch keeps reading without waiting while this many buffers are free (one
+/// GSO super-packet splits into at most 64 KiB / 1240 < 64 packets).
+const TUN_BATCH_FREE: usize = 64;
+/// Bytes of packets framed into one channel send on the TCP path.
+const TCP_BATCH_BYTES: usize = 256 * 1024;
+
+/// Local VPN configuration (command line).
+#[derive(Debug, Clone)]
+pub struct VpnOptions {
+    /// This side's tunnel addresses: at most one IPv4 and one IPv6, with prefix.
+    pub addresses: Vec<Prefix>,
+    pub tun_name: Option<String>,
+    /// Connector only: networks routed into the tunnel (and accepted from it).
+    pub routes: Vec<Prefix>,
+    pub mtu: u16,
+    /// Offer and use a UDP path.
+    pub udp: bool,
+    /// TUN offload (IFF_VNET_HDR, TSO/GRO batching).
+    pub offload: bool,
+    /// Rotate datagram epochs sooner than the protocol limits (tests, benchmarks).
+    pub rekey: Option<(u64, Duration)>,
+}
+
+/// Why the VPN could not start.
+#[derive(Debug, Error)]
+pub enum VpnSetupError {
+    #[error("{0}")]
+    Tun(#[from] TunError),
+    #[error("--vpn needs at least one address, e.g. --vpn 10.200.0.1/24")]
+    NoAddress,
+    #[error("--vpn takes at most one IPv4 and one IPv6 address")]
+    TwoOfFamily,
+    #[error(
+        "{0} cannot be a tunnel address (use a unicast address with a prefix, e.g. 10.200.0.1/24)"
+    )]
+    Unusable(Prefix),
+    #[error("at most {MAX_ROUTES} --route networks")]
+    TooManyRoutes,
+    #[error("--mtu must be between {MIN_VPN_MTU} and {MAX_VPN_MTU}")]
+    Mtu,
+    #[error("the peer refused the VPN: {0}")]
+    Refused(String),
+    #[error("VPN protocol error: {0}")]
+    Protocol(String),
+}
+
+impl VpnOptions {
+    pub fn validate(&self) -> Result<(), VpnSetupError> {
+        if self.addresses.is_empty() {
+            return Err(VpnSetupError::NoAddress);
+        }
+        let v4 = self.addresses.iter().filter(|a| a.addr.is_ipv4()).count();
+        if v4 > 1 || self.addresses.len() - v4 > 1 || self.addresses.len() > MAX_TUNNEL_ADDRESSES {
+            return Err(VpnSetupError::TwoOfFamily);
+        }
+        if let Some(a) = self
+            .addresses
+            .iter()
+            .find(|a| !a.is_usable_tunnel_address())
+        {
+            return Err(VpnSetupError::Unusable(*a));
+        }
+        if self.routes.len() > MAX_ROUTES {
+            return Err(VpnSetupError::TooManyRoutes);
+        }
+        if !(MIN_VPN_MTU..=MAX_VPN_MTU).contains(&self.mtu) {
+            return Err(VpnSetupError::Mtu);
+        }
+        Ok(())
+    }
+}
+
+/// Per-peer counters (atomics: the data tasks update them without locks).
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    pub tx_udp: AtomicU64,
+    pub tx_tcp: AtomicU64,
+    pub tx_errors: AtomicU64,
+    pub rx_udp: AtomicU64,
+    pub rx_tcp: AtomicU64,
+    pub spoofed: AtomicU64,
+    pub malformed: AtomicU64,
+    pub epochs_sent: AtomicU64,
+    pub epochs_received: AtomicU64,
+}
+
+/// Control work for a peer's control task.
+#[derive(Debug)]
+enum Ctl {
+    Tell(PathNews),
+    Keepalive,
+    Install(EpochAnnouncement),
+    Confirmed(u32),
+}
+
+/// The listener's handle on one peer's VPN: forwards that session's datagram epoch events.
+pub struct ListenerVpn {
+    ctl: mpsc::UnboundedSender<Ctl>,
+}
+
+/// One peer of a tunnel.
+struct Peer {
+    label: String,
+    addresses: Vec<Prefix>,
+    allowed: AllowedIps,
+    chan: ChannelSender,
+    session: SessionHandle,
+    tx: Mutex<DatagramSender>,
+    rx: Mutex<DatagramReceiver>,
+    local_session: u32,
+    path: Mutex<UdpPath>,
+    /// Cache of `path.use_udp(now)` for the data tasks.
+    udp_on: AtomicBool,
+    endpoint: Mutex<Option<SocketAddr>>,
+    link: Option<Arc<UdpLink>>,
+    ctl: mpsc::UnboundedSender<Ctl>,
+    stats: PeerStats,
+}
+
+impl Peer {
+    fn now_udp(&self, now: Instant) {
+        let on = self.path.lock().expect("path lock").use_udp(now) && self.link.is_some();
+        if self.udp_on.swap(on, Ordering::AcqRel) != on {
+            info!(peer = %self.label, "packets now go over {}", if on { "UDP" } else { "the TCP link" });
+        }
+    }
+
+    /// Rotates the sending epoch when the schedule says so; the announcement goes through
+    /// the session, and activation waits for the peer's confirmation.
+    fn maybe_rotate(&self, tx: &mut DatagramSender, now: Instant) {
+        if self.link.is_none() || !tx.needs_rotation(now) {
+            return;
+        }
+        match tx.rotate(now, &mut OsRandom) {
+            Ok(a) => {
+                self.session
+                    .announce_datagram_epoch(a.epoch, *a.secret.expose());
+                self.stats.epochs_sent.fetch_add(1, Ordering::Relaxed);
+                debug!(peer = %self.label, epoch = a.epoch, "announced datagram epoch");
+            }
+            Err(e) => warn!(peer = %self.label, "cannot rotate datagram epoch: {e}"),
+        }
+    }
+
+    fn summary(&self) -> String {
+        let s = &self.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let d: DatagramStats = self.rx.lock().expect("rx lock").stats();
+        format!(
+            "vpn: peer {}: sent {} packets ({} over UDP, {} UDP send errors), received {} ({} over UDP); dropped {} with a spoofed source, {} malformed, {} replayed, {} failed authentication, {} with an unknown epoch; datagram epochs {} sent, {} received",
+            self.label,
+            g(&s.tx_udp) + g(&s.tx_tcp),
+            g(&s.tx_udp),
+            g(&s.tx_errors),
+            g(&s.rx_udp) + g(&s.rx_tcp),
+            g(&s.rx_udp),
+            g(&s.spoofed),
+            g(&s.malformed) + d.malformed,
+            d.replayed,
+            d.bad_auth,
+            d.unknown_epoch,
+            g(&s.epochs_sent),
+            g(&s.epochs_received),
+        )
+    }
+}
+
+#[derive(Default)]
+struct PeerTable {
+    by_addr: HashMap<IpAddr, Arc<Peer>>,
+    by_session: HashMap<u32, Arc<Peer>>,
+    /// Connector: every packet goes to its one peer.
+    default: Option<Arc<Peer>>,
+}
+
+impl PeerTable {
+    fn lookup(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.default.as_ref().or_else(|| self.by_addr.get(&dst))
+    }
+}
+
+/// Tunnel-wide counters.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Packets from our TUN for which no peer exists.
+    pub no_peer: AtomicU64,
+    /// Packets from our TUN with a link-local, multicast or unspecified source (router
+    /// solicitations and the like): not forwarded.
+    pub local_only: AtomicU64,
+}
+
+/// One TUN interface and its peers.
+pub struct Tunnel {
+    tun: Tun,
+    mtu: u16,
+    headroom: usize,
+    peers: RwLock<PeerTable>,
+    pub stats: TunnelStats,
+}
+
+/// Reusable buffers for writes to the TUN (a GRO batch).
+struct TunWriter {
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+    gro: GROTable,
+    headroom: usize,
+}
+
+impl TunWriter {
+    fn new(headroom: usize) -> Self {
+        TunWriter {
+            bufs: Vec::new(),
+            n: 0,
+            gro: GROTable::default(),
+            headroom,
+        }
+    }
+    /// The next buffer, holding `headroom` zero bytes; [`Self::commit`] keeps it.
+    fn slot(&mut self) -> &mut Vec<u8> {
+        if self.n == self.bufs.len() {
+            self.bufs.push(Vec::with_capacity(2048));
+        }
+        let b = &mut self.bufs[self.n];
+        b.clear();
+        b.resize(self.headroom, 0);
+        b
+    }
+    fn commit(&mut self) {
+        self.n += 1;
+    }
+    async fn flush(&mut self, t: &Tunnel) {
+        if self.n == 0 {
+            return;
+        }
+        if let Err(e) = t
+            .tun
+            .dev
+            .send_multiple(&mut self.gro, &mut self.bufs[..self.n], self.headroom)
+            .await
+        {
+            debug!("TUN write failed: {e}");
+        }
+        self.n = 0;
+    }
+}
+
+fn is_local_only(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_link_local(),
+        IpAddr::V6(a) => a.is_unspecified() || a.is_multicast() || a.is_unicast_link_local(),
+    }
+}
+
+impl Tunnel {
+    fn create(opts: &VpnOptions) -> Result<Tunnel, VpnSetupError> {
+        let tun = Tun::create(&TunConfig {
+            name: opts.tun_name.clone(),
+            addresses: opts.addresses.clone(),
+            mtu: opts.mtu,
+            offload: opts.offload,
+        })?;
+        let headroom = if tun.offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        Ok(Tunnel {
+            tun,
+            mtu: opts.mtu,
+            headroom,
+            peers: RwLock::new(PeerTable::default()),
+            stats: TunnelStats::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.tun.name
+    }
+
+    fn peer_by_session(&self, session: u32) -> Option<Arc<Peer>> {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .by_session
+            .get(&session)
+            .cloned()
+    }
+
+    /// The crypto-routing check for a packet that came from `peer`; drops are counted (and
+    /// logged, sparsely). Returns whether the packet may go to the TUN.
+    fn admit(&self, peer: &Peer, pkt: &[u8]) -> bool {
+        match check_inbound(&peer.allowed, pkt) {
+            Verdict::Accept => true,
+            Verdict::Spoofed => {
+                let n = peer.stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    let src = ip_addresses(pkt)
+                        .map(|(s, _)| s.to_string())
+                        .unwrap_or_default();
+                    warn!(peer = %peer.label, %src, "dropped a packet with a source address the peer may not use ({n} so far)");
+                }
+                false
+            }
+            Verdict::Malformed => {
+                peer.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Adds a packet that came from `peer` over the channel to the TUN batch, if admitted.
+    fn deliver(&self, peer: &Peer, pkt: &[u8], w: &mut TunWriter) {
+        if self.admit(peer, pkt) {
+            peer.stats.rx_tcp.fetch_add(1, Ordering::Relaxed);
+            w.slot().extend_from_slice(pkt);
+            w.commit();
+        }
+    }
+
+    /// The incoming-record hook: datagram records received from `from` (several of `stride`
+    /// bytes each with GRO). Records for unknown sessions and records that fail any check
+    /// are dropped and counted; authentic packets are written to the TUN.
+    pub async fn handle_records(&self, from: SocketAddr, buf: &[u8], stride: usize) {
+        let mut w = TunWriter::new(self.headroom);
+        let mut cache = None;
+        for rec in records(buf, stride) {
+            self.open_record(from, rec, &mut w, &mut cache);
+            if w.n >= IDEAL_BATCH_SIZE {
+                w.flush(self).await;
+            }
+        }
+        w.flush(self).await;
+    }
+
+    fn open_record(
+        &self,
+        from: SocketAddr,
+        rec: &[u8],
+        w: &mut TunWriter,
+        cache: &mut Option<(u32, Arc<Peer>)>,
+    ) {
+        let Some(session) = peek_receiver_session(rec) else {
+            return;
+        };
+        let peer = match cache {
+            Some((s, p)) if *s == session => p.clone(),
+            _ => match self.peer_by_session(session) {
+                Some(p) => {
+                    *cache = Some((session, p.clone()));
+                    p
+                }
+                None => return,
+            },
+        };
+        let now = Instant::now();
+        let buf = w.slot();
+        let start = buf.len();
+        let opened = peer.rx.lock().expect("rx lock").open(now, rec, buf).is_ok();
+        if !opened {
+            return;
+        }
+        // Authentic: this is where the peer is (it may have roamed).
+        {
+            let mut ep = peer.endpoint.lock().expect("endpoint lock");
+            if *ep != Some(from) {
+                debug!(peer = %peer.label, %from, "UDP endpoint");
+                *ep = Some(from);
+            }
+        }
+        let actions = peer.path.lock().expect("path lock").on_datagram(now);
+        if let Some(news) = actions.tell {
+            let _ = peer.ctl.send(Ctl::Tell(news));
+        }
+        if actions.send_keepalive {
+            let _ = peer.ctl.send(Ctl::Keepalive);
+        }
+        if !peer.udp_on.load(Ordering::Relaxed) {
+            peer.now_udp(now);
+        }
+        let pkt = &w.bufs[w.n][start..];
+        if pkt.is_empty() {
+            return; // keepalive
+        }
+        if self.admit(&peer, pkt) {
+            peer.stats.rx_udp.fetch_add(1, Ordering::Relaxed);
+            w.commit();
+        }
+    }
+
+    /// Reads the TUN and sends every packet to its peer, until the TUN fails.
+    async fn tun_reader(self: Arc<Self>) {
+        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
+        let size = usize::from(self.mtu).max(1500) + 64;
+        let mut bufs = vec![vec![0u8; size]; IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut out = Vec::with_capacity(256 * 1024);
+        let mut groups: Vec<(Arc<Peer>, Vec<usize>)> = Vec::new();
+        loop {
+            let mut filled = match self
+                .tun
+                .dev
+                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(tun = %self.tun.name, "TUN read failed: {e}");
+                    return;
+                }
+            };
+            while filled + TUN_BATCH_FREE <= IDEAL_BATCH_SIZE {
+                match self.tun.dev.try_recv_multiple(
+                    &mut original,
+                    &mut bufs[filled..],
+                    &mut sizes[filled..],
+                    0,
+                ) {
+                    Ok(n) => filled += n,
+                    Err(_) => break,
+                }
+            }
+            groups.clear();
+            {
+                let table = self.peers.read().expect("peers lock");
+                for i in 0..filled {
+                    let pkt = &bufs[i][..sizes[i]];
+                    let Ok((src, dst)) = ip_addresses(pkt) else {
+                        continue;
+                    };
+                    if is_local_only(src) {
+                        self.stats.local_only.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    match table.lookup(dst) {
+                        Some(p) => match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, p)) {
+                            Some((_, v)) => v.push(i),
+                            None => groups.push((p.clone(), vec![i])),
+                        },
+                        None => {
+                            self.stats.no_peer.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            for (peer, idx) in groups.drain(..) {
+                let pkts: Vec<&[u8]> = idx.iter().map(|&i| &bufs[i][..sizes[i]]).collect();
+                self.send_packets(&peer, &pkts, &mut out).await;
+            }
+        }
+    }
+
+    /// Sends packets to `peer`: sealed datagram records over UDP when that path is up,
+    /// PACKET messages on the VPN channel otherwise (and for whatever cannot be sealed).
+    async fn send_packets(&self, peer: &Peer, pkts: &[&[u8]], out: &mut Vec<u8>) {
+        let mut rest = pkts;
+        if peer.udp_on.load(Ordering::Relaxed) {
+            let dest = *peer.endpoint.lock().expect("endpoint lock");
+            if let (Some(dest), Some(link)) = (dest, peer.link.as_ref()) {
+                let now = Instant::now();
+                out.clear();
+                // Runs of equal-sized records (the last of a run may be shorter): one GSO
+                // send each.
+                let mut runs: Vec<(usize, usize)> = Vec::new(); // (end, stride)
+                let mut run_open = false;
+                let mut sealed = 0;
+                {
+                    let mut tx = peer.tx.lock().expect("tx lock");
+                    peer.maybe_rotate(&mut tx, now);
+                    for pkt in pkts {
+                        let before = out.len();
+                        if tx.seal(now, pkt, out).is_err() {
+                            break;
+                        }
+                        sealed += 1;
+                        let len = out.len() - before;
+                        match runs.last_mut() {
+                            Some((end, stride)) if run_open && len <= *stride => {
+                                *end = out.len();
+                                run_open = len == *stride;
+                            }
+                            _ => {
+                                runs.push((out.len(), len));
+                                run_open = true;
+                            }
+                        }
+                    }
+                }
+                let mut start = 0;
+                for (end, stride) in runs {
+                    if let Err(e) = link.send_records(dest, &out[start..end], stride).await {
+                        peer.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+                        debug!(peer = %peer.label, "UDP send failed: {e}");
+                    }
+                    start = end;
+                }
+                if sealed > 0 {
+                    peer.stats
+                        .tx_udp
+                        .fetch_add(sealed as u64, Ordering::Relaxed);
+                    peer.path.lock().expect("path lock").on_sent(now);
+                }
+                rest = &pkts[sealed..];
+            }
+        }
+        if rest.is_empty() {
+            return;
+        }
+        out.clear();
+        for pkt in rest {
+            VpnMessage::Packet(pkt).encode(out);
+            if out.len() >= TCP_BATCH_BYTES && peer.chan.send(std::mem::take(out)).await.is_err() {
+                return;
+            }
+        }
+        if !out.is_empty() && peer.chan.send(std::mem::take(out)).await.is_err() {
+            return;
+        }
+        peer.stats
+            .tx_tcp
+            .fetch_add(rest.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Receives datagram records on `link` until it fails.
+    async fn udp_reader(self: Arc<Self>, link: Arc<UdpLink>) {
+        let mut rb = link.recv_buffers();
+        let mut w = TunWriter::new(self.headroom);
+        let mut cache = None;
+        loop {
+            let n = match link.recv_batch(&mut rb).await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("UDP receive failed: {e}");
+                    return;
+                }
+            };
+            for i in 0..n {
+                let (from, payload, stride) = rb.get(i);
+                for rec in records(payload, stride) {
+                    self.open_record(from, rec, &mut w, &mut cache);
+                    // GRO coalescing works on batches of this size.
+                    if w.n >= IDEAL_BATCH_SIZE {
+                        w.flush(&self).await;
+                    }
+                }
+            }
+            w.flush(&self).await;
+        }
+    }
+
+    /// Reads the VPN channel of `peer` until it closes: packets to the TUN, path news to
+    /// the path state.
+    async fn channel_reader(
+        self: Arc<Self>,
+        peer: Arc<Peer>,
+        mut events: mpsc::UnboundedReceiver<ChannelEvent>,
+        early: Vec<Vec<u8>>,
+    ) -> String {
+        let mut w = TunWriter::new(self.headroom);
+        for pkt in &early {
+            self.deliver(&peer, pkt, &mut w);
+        }
+        w.flush(&self).await;
+        let mut deframer = Deframer::default();
+        loop {
+            let data = match events.recv().await {
+                Some(ChannelEvent::Data(d)) => d,
+                Some(ChannelEvent::Eof) => continue,
+                Some(ChannelEvent::Closed { reason, .. }) => return reason,
+                None => return "session ended".into(),
+            };
+            deframer.push(&data);
+            let r = deframer.drain(|m| {
+                match m {
+                    VpnMessage::Packet(p) => self.deliver(&peer, p, &mut w),
+                    VpnMessage::UdpOk => path_news(&peer, PathNews::UdpOk),
+                    VpnMessage::UdpLost => path_news(&peer, PathNews::UdpLost),
+                    VpnMessage::Params(_) => {
+                        return Err(VpnError::Params("PARAMS after the channel started"))
+                    }
+                }
+                Ok(())
+            });
+            w.flush(&self).await;
+            peer.chan.consumed(data.len());
+            if let Err(e) = r {
+                peer.chan.close(CloseCode::Protocol, &e.to_string());
+                return format!("protocol error: {e}");
+            }
+        }
+    }
+}
+
+fn path_news(peer: &Peer, news: PathNews) {
+    peer.path.lock().expect("path lock").on_news(news);
+    peer.now_udp(Instant::now());
+}
+
+/// Sends one empty datagram record (probe or keepalive) if the path has a destination.
+async fn send_keepalive(peer: &Peer) {
+    let (Some(link), Some(dest)) = (
+        peer.link.as_ref(),
+        *peer.endpoint.lock().expect("endpoint lock"),
+    ) else {
+        return;
+    };
+    let now = Instant::now();
+    let mut rec = Vec::with_capacity(DATAGRAM_OVERHEAD);
+    let sealed = {
+        let mut tx = peer.tx.lock().expect("tx lock");
+        peer.maybe_rotate(&mut tx, now);
+        tx.seal(now, &[], &mut rec).is_ok()
+    };
+    if sealed {
+        if let Err(e) = link.send_records(dest, &rec, rec.len()).await {
+            debug!(peer = %peer.label, "UDP keepalive failed: {e}");
+        }
+        peer.path.lock().expect("path lock").on_sent(now);
+    }
+}
+
+/// A peer's control task: epoch announcements and confirmations, path probes, keepalives
+/// and news, key expiry. Ends when the peer's control channel closes.
+async fn control(peer: Arc<Peer>, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
+    loop {
+        let now = Instant::now();
+        let deadline = {
+            let path = peer.path.lock().expect("path lock").next_deadline();
+            let keys = peer.rx.lock().expect("rx lock").next_deadline();
+            [path, keys, Some(now + CONTROL_TICK)]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("tick is always set")
+        };
+        let cmd = tokio::select! {
+            c = ctl.recv() => match c {
+                Some(c) => Some(c),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => None,
+        };
+        let now = Instant::now();
+        match cmd {
+            Some(Ctl::Tell(news)) => {
+                let mut msg = Vec::new();
+                match news {
+                    PathNews::UdpOk => VpnMessage::UdpOk.encode(&mut msg),
+                    PathNews::UdpLost => VpnMessage::UdpLost.encode(&mut msg),
+                }
+                let _ = peer.chan.send(msg).await;
+            }
+            Some(Ctl::Keepalive) => send_keepalive(&peer).await,
+            Some(Ctl::Install(a)) => {
+                let epoch = a.epoch;
+                match peer.rx.lock().expect("rx lock").install(now, a) {
+                    Ok(()) => {
+                        peer.session.confirm_datagram_epoch(epoch);
+                        peer.stats.epochs_received.fetch_add(1, Ordering::Relaxed);
+                        debug!(peer = %peer.label, epoch, "installed datagram epoch");
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer.label, "refused datagram epoch: {e}");
+                        peer.chan.close(CloseCode::Protocol, &e.to_string());
+                    }
+                }
+            }
+            Some(Ctl::Confirmed(epoch)) => {
+                let first = {
+                    let mut tx = peer.tx.lock().expect("tx lock");
+                    let first = tx.active_epoch().is_none();
+                    if let Err(e) = tx.activate(epoch) {
+                        debug!(peer = %peer.label, "confirmation ignored: {e}");
+                    }
+                    first
+                };
+                // The sender can seal now: probe at once rather than at the next backoff.
+                if first && peer.endpoint.lock().expect("endpoint lock").is_some() {
+                    send_keepalive(&peer).await;
+                }
+            }
+            None => {
+                peer.rx.lock().expect("rx lock").expire(now);
+                {
+                    let mut tx = peer.tx.lock().expect("tx lock");
+                    peer.maybe_rotate(&mut tx, now);
+                }
+                let actions = peer.path.lock().expect("path lock").poll(now);
+                if let Some(news) = actions.tell {
+                    let _ = peer.ctl.send(Ctl::Tell(news));
+                }
+                if actions.send_keepalive {
+                    send_keepalive(&peer).await;
+                }
+                peer.now_udp(now);
+            }
+        }
+    }
+}
+
+/// Everything needed to build a peer once both parameter blocks are known.
+struct PeerSetup {
+    label: String,
+    /// The peer's tunnel addresses.
+    addresses: Vec<Prefix>,
+    allowed: AllowedIps,
+    chan: ChannelSender,
+    session: SessionHandle,
+    initiator: bool,
+    local_session: u32,
+    peer_session: u32,
+    endpoint: Option<SocketAddr>,
+    link: Option<Arc<UdpLink>>,
+    rekey: Option<(u64, Duration)>,
+}
+
+fn build_peer(s: PeerSetup) -> (Arc<Peer>, mpsc::UnboundedReceiver<Ctl>) {
+    let (send_dir, recv_dir) = if s.initiator {
+        (
+            Direction::InitiatorToResponder,
+            Direction::ResponderToInitiator,
+        )
+    } else {
+        (
+            Direction::ResponderToInitiator,
+            Direction::InitiatorToResponder,
+        )
+    };
+    let mut tx = DatagramSender::new(send_dir, s.peer_session);
+    if let Some((packets, interval)) = s.rekey {
+        tx.set_rekey_limits(packets, interval);
+    }
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let probing = s.endpoint.is_some() && s.link.is_some();
+    let peer = Arc::new(Peer {
+        label: s.label,
+        addresses: s.addresses,
+        allowed: s.allowed,
+        chan: s.chan,
+        session: s.session,
+        tx: Mutex::new(tx),
+        rx: Mutex::new(DatagramReceiver::new(recv_dir, s.local_session)),
+        local_session: s.local_session,
+        path: Mutex::new(UdpPath::new(now, probing)),
+        udp_on: AtomicBool::new(false),
+        endpoint: Mutex::new(s.endpoint),
+        link: s.link,
+        ctl: ctl_tx,
+        stats: PeerStats::default(),
+    });
+    if peer.link.is_some() {
+        let mut tx = peer.tx.lock().expect("tx lock");
+        peer.maybe_rotate(&mut tx, now);
+    }
+    (peer, ctl_rx)
+}
+
+fn new_session_id() -> u32 {
+    loop {
+        let id = u32::from_be_bytes(random_array(&mut OsRandom));
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+// ----- listener side -----
+
+/// The listener's tunnel: one TUN, one UDP socket, any number of VPN peers.
+pub struct VpnServer {
+    tunnel: Arc<Tunnel>,
+    opts: VpnOptions,
+    link: Option<Arc<UdpLink>>,
+    udp_port: u16,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl VpnServer {
+    /// Creates the TUN interface and, unless UDP is off, binds UDP on `udp_addr` (the TCP
+    /// listener's address and port). Prints the interface name.
+    pub fn start(opts: VpnOptions, udp_addr: SocketAddr) -> Result<Arc<VpnServer>, VpnSetupError> {
+        opts.validate()?;
+        let tunnel = Arc::new(Tunnel::create(&opts)?);
+        let link = if opts.udp {
+            match UdpLink::bind(udp_addr) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(e) => {
+                    warn!("no UDP path for the VPN: cannot bind {udp_addr}: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let udp_port = link
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| a.port());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(tunnel.clone().tun_reader());
+        if let Some(l) = &link {
+            tasks.spawn(tunnel.clone().udp_reader(l.clone()));
+        }
+        eprintln!(
+            "vpn: interface {} up with {} (MTU {}){}",
+            tunnel.name(),
+            join(&opts.addresses),
+            opts.mtu,
+            if udp_port != 0 {
+                format!(", UDP port {udp_port}")
+            } else {
+                String::new()
+            }
+        );
+        Ok(Arc::new(VpnServer {
+            tunnel,
+            opts,
+            link,
+            udp_port,
+            tasks: Mutex::new(tasks),
+        }))
+    }
+
+    pub fn interface(&self) -> &str {
+        self.tunnel.name()
+    }
+
+    /// Answers an authorized peer's VPN channel request: checks its parameters, accepts the
+    /// channel, and serves the peer until the channel closes. Refusals are sent to the peer
+    /// and returned for the log.
+    pub fn accept(
+        self: &Arc<Self>,
+        router: &RouterHandle,
+        ch: u32,
+        params: &[u8],
+        peer_id: PeerId,
+    ) -> Result<ListenerVpn, String> {
+        let refuse = |code: CloseCode, why: String| {
+            router.reject(ch, code, &why);
+            Err(why)
+        };
+        let p = match VpnParams::decode(params) {
+            Ok(p) => p,
+            Err(e) => return refuse(CloseCode::Unsupported, e.to_string()),
+        };
+        if let Err(why) = self.check_addresses(&p.addresses) {
+            return refuse(CloseCode::Refused, why);
+        }
+        let channel = router.accept(ch, ChannelKind::Vpn);
+        let session = channel.session().clone();
+        let (chan, events) = channel.split();
+        let local_session = new_session_id();
+        let use_udp = p.udp && self.link.is_some();
+        let mine = VpnParams {
+            udp: use_udp,
+            mtu: self.opts.mtu,
+            receiver_session: local_session,
+            udp_port: if use_udp { self.udp_port } else { 0 },
+            addresses: self.opts.addresses.clone(),
+        };
+        let label = peer_id.short();
+        let (peer, ctl_rx) = build_peer(PeerSetup {
+            label: label.clone(),
+            addresses: p.addresses.clone(),
+            allowed: AllowedIps::new(p.addresses.iter().map(|a| Prefix::host(a.addr))),
+            chan: chan.clone(),
+            session,
+            initiator: false,
+            local_session,
+            peer_session: p.receiver_session,
+            endpoint: None,
+            link: if use_udp { self.link.clone() } else { None },
+            rekey: self.opts.rekey,
+        });
+        // PARAMS first on the channel; our epoch announcement follows on the session.
+        let mut msg = Vec::new();
+        VpnMessage::Params(mine).encode(&mut msg);
+        {
+            let chan = chan.clone();
+            tokio::spawn(async move {
+                let _ = chan.send(msg).await;
+            });
+        }
+        {
+            let mut t = self.tunnel.peers.write().expect("peers lock");
+            if let Some(taken) = p.addresses.iter().find(|a| t.by_addr.contains_key(&a.addr)) {
+                drop(t);
+                chan.close(CloseCode::Refused, "address in use");
+                return Err(format!(
+                    "tunnel address {} is in use by another peer",
+                    taken.addr
+                ));
+            }
+            for a in &p.addresses {
+                t.by_addr.insert(a.addr, peer.clone());
+            }
+            t.by_session.insert(local_session, peer.clone());
+        }
+        eprintln!(
+            "vpn: peer {label} joined with {}{}",
+            join(&p.addresses),
+            if use_udp { "" } else { " (TCP link only)" }
+        );
+        let ctl = peer.ctl.clone();
+        let server = self.clone();
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        while tasks.try_join_next().is_some() {}
+        let task_peer = peer.clone();
+        tasks.spawn(async move {
+            let control = tokio::spawn(control(task_peer.clone(), ctl_rx));
+            let why = server
+                .tunnel
+                .clone()
+                .channel_reader(task_peer.clone(), events, Vec::new())
+                .await;
+            control.abort();
+            server.remove(&task_peer);
+            eprintln!("{}", task_peer.summary());
+            eprintln!("vpn: peer {} left ({why})", task_peer.label);
+        });
+        Ok(ListenerVpn { ctl })
+    }
+
+    fn check_addresses(&self, addrs: &[Prefix]) -> Result<(), String> {
+        for a in addrs {
+            let Some(net) = self
+                .opts
+                .addresses
+                .iter()
+                .find(|m| m.addr.is_ipv4() == a.addr.is_ipv4())
+            else {
+                return Err(format!(
+                    "this listener has no {} tunnel network for {}",
+                    if a.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                    a.addr
+                ));
+            };
+            if !net.contains(a.addr) || a.addr == net.addr || a.addr == net.network().addr {
+                return Err(format!(
+                    "tunnel address {} is not a host address of the listener's network {}",
+                    a.addr,
+                    net.network()
+                ));
+            }
+            if self
+                .tunnel
+                .peers
+                .read()
+                .expect("peers lock")
+                .by_addr
+                .contains_key(&a.addr)
+            {
+                return Err(format!(
+                    "tunnel address {} is in use by another peer",
+                    a.addr
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, peer: &Arc<Peer>) {
+        let mut t = self.tunnel.peers.write().expect("peers lock");
+        for a in &peer.addresses {
+            if t.by_addr.get(&a.addr).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+                t.by_addr.remove(&a.addr);
+            }
+        }
+        t.by_session.remove(&peer.local_session);
+    }
+}
+
+impl ListenerVpn {
+    /// Session-level datagram epoch events for this peer's VPN.
+    pub fn on_incoming(&self, inc: &Incoming) {
+        let c = match inc {
+            Incoming::DatagramEpoch { epoch, secret } => {
+                match EpochAnnouncement::from_bytes(&announcement_bytes(*epoch, secret)) {
+                    Ok(a) => Ctl::Install(a),
+                    Err(e) => {
+                        warn!("bad datagram epoch announcement: {e}");
+                        return;
+                    }
+                }
+            }
+            Incoming::DatagramEpochConfirmed { epoch } => Ctl::Confirmed(*epoch),
+            _ => return,
+        };
+        let _ = self.ctl.send(c);
+    }
+}
+
+fn announcement_bytes(epoch: u32, secret: &[u8; 32]) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut v = zeroize::Zeroizing::new(Vec::with_capacity(36));
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v.extend_from_slice(secret);
+    v
+}
+
+fn join(addrs: &[Prefix]) -> String {
+    addrs
+        .iter()
+        .map(Prefix::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ----- connector side -----
+
+/// `qssh connect TARGET --vpn ADDR`: connects, brings up the tunnel, and runs until
+/// SIGINT/SIGTERM or until the peer leaves. Returns the exit status.
+pub async fn connect(
+    home: &Home,
+    target: &str,
+    default_port: u16,
+    dial_opts: (bool, String, Option<Secret32>),
+    opts: VpnOptions,
+) -> Result<i32> {
+    opts.validate()?;
+    // The interface first, while nothing waits on it: a missing CAP_NET_ADMIN is reported
+    // before any connection, and its creation is off the path to the first packet. Packets
+    // routed into it before the peer answers wait in its queue.
+    let tunnel = Arc::new(Tunnel::create(&opts)?);
+    for r in &opts.routes {
+        tunnel.add_route(r)?;
+    }
+    let (accept_new, name, psk) = dial_opts;
+    let identity = super::chat::load_identity(home)?;
+    let target = resolve_target(target, default_port, identity.peer_id()).await?;
+    let mut c = dial(
+        home,
+        identity,
+        DialOptions {
+            target,
+            accept_new,
+            ask: true,
+            name,
+            psk,
+        },
+    )
+    .await?;
+    let label = c.peer.peer_id().short();
+    let listener_ip = c.addr.ip().to_canonical();
+    let (router, mut incoming) = route(c.handle.clone(), c.take_events());
+    let local_session = new_session_id();
+    let mine = VpnParams {
+        udp: opts.udp,
+        mtu: opts.mtu,
+        receiver_session: local_session,
+        udp_port: 0,
+        addresses: opts.addresses.clone(),
+    };
+    let channel = match router.open(ChannelKind::Vpn, &mine.encode()).await {
+        Ok(ch) => ch,
+        Err(super::router::OpenError::Refused(_, why)) => {
+            return Err(ConnectError::Session(CloseReason::Protocol(
+                VpnSetupError::Refused(why).to_string(),
+            ))
+            .into())
+        }
+        Err(e) => return Err(ConnectError::Session(CloseReason::Protocol(e.to_string())).into()),
+    };
+    let session = channel.session().clone();
+    let (chan, mut events) = channel.split();
+
+    // The listener's PARAMS come first; session events that arrive meanwhile wait.
+    let mut stash: Vec<Incoming> = Vec::new();
+    let mut deframer = Deframer::default();
+    let mut theirs: Option<VpnParams> = None;
+    let mut early: Vec<Vec<u8>> = Vec::new();
+    let mut early_news: Vec<PathNews> = Vec::new();
+    let deadline = tokio::time::Instant::now() + PARAMS_TIMEOUT;
+    while theirs.is_none() {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ChannelEvent::Data(d)) => {
+                    chan.consumed(d.len());
+                    deframer.push(&d);
+                    deframer.drain(|m| {
+                        match m {
+                            VpnMessage::Params(p) if theirs.is_none() => theirs = Some(p),
+                            VpnMessage::Params(_) => return Err(VpnError::Params("second PARAMS")),
+                            _ if theirs.is_none() => return Err(VpnError::Params("data before PARAMS")),
+                            VpnMessage::Packet(p) => early.push(p.to_vec()),
+                            VpnMessage::UdpOk => early_news.push(PathNews::UdpOk),
+                            VpnMessage::UdpLost => early_news.push(PathNews::UdpLost),
+                        }
+                        Ok(())
+                    }).map_err(|e| VpnSetupError::Protocol(e.to_string()))?;
+                }
+                Some(ChannelEvent::Eof) => {}
+                Some(ChannelEvent::Closed { reason, .. }) => {
+                    return Err(VpnSetupError::Refused(reason).into());
+                }
+                None => return Err(ConnectError::Session(CloseReason::TransportClosed).into()),
+            },
+            inc = incoming.recv() => match inc {
+                Some(Incoming::Closed(reason)) => return Err(ConnectError::Session(reason).into()),
+                Some(other) => stash.push(other),
+                None => return Err(ConnectError::Session(CloseReason::TransportClosed).into()),
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(VpnSetupError::Protocol("the listener sent no VPN parameters".into()).into());
+            }
+        }
+    }
+    let theirs = theirs.expect("loop ends with params");
+    let mut opts = opts;
+    if theirs.mtu < opts.mtu {
+        opts.mtu = theirs.mtu;
+        tunnel.set_mtu(opts.mtu)?;
+    }
+    let use_udp = opts.udp && theirs.udp && theirs.udp_port != 0;
+    let link = if use_udp {
+        let any: SocketAddr = if listener_ip.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        match UdpLink::bind(any) {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                warn!("no UDP path: cannot bind a UDP socket: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let endpoint = link
+        .as_ref()
+        .map(|_| SocketAddr::new(listener_ip, theirs.udp_port));
+    // From the listener we accept its tunnel networks and what we route through it.
+    let allowed = AllowedIps::new(
+        theirs
+            .addresses
+            .iter()
+            .map(Prefix::network)
+            .chain(opts.routes.iter().copied()),
+    );
+    let (peer, ctl_rx) = build_peer(PeerSetup {
+        label: label.clone(),
+        addresses: theirs.addresses.clone(),
+        allowed,
+        chan: chan.clone(),
+        session,
+        initiator: true,
+        local_session,
+        peer_session: theirs.receiver_session,
+        endpoint,
+        link: link.clone(),
+        rekey: opts.rekey,
+    });
+    for n in early_news {
+        path_news(&peer, n);
+    }
+    {
+        let mut t = tunnel.peers.write().expect("peers lock");
+        t.default = Some(peer.clone());
+        t.by_session.insert(local_session, peer.clone());
+    }
+    eprintln!(
+        "vpn: interface {} up with {} (MTU {}), peer {} at {}{}{}",
+        tunnel.name(),
+        join(&opts.addresses),
+        opts.mtu,
+        label,
+        join(&theirs.addresses),
+        if opts.routes.is_empty() {
+            String::new()
+        } else {
+            format!(", routes {}", join(&opts.routes))
+        },
+        match endpoint {
+            Some(e) => format!("; UDP to {e}"),
+            None => "; TCP link only".into(),
+        }
+    );
+    let mut tasks = JoinSet::new();
+    tasks.spawn(tunnel.clone().tun_reader());
+    if let Some(l) = &link {
+        tasks.spawn(tunnel.clone().udp_reader(l.clone()));
+    }
+    tasks.spawn(control(peer.clone(), ctl_rx));
+    let reader = tokio::spawn(tunnel.clone().channel_reader(
+        peer.clone(),
+        events,
+        std::mem::take(&mut early),
+    ));
+    let forward = |inc: &Incoming| {
+        let c = match inc {
+            Incoming::DatagramEpoch { epoch, secret } => {
+                match EpochAnnouncement::from_bytes(&announcement_bytes(*epoch, secret)) {
+                    Ok(a) => Ctl::Install(a),
+                    Err(_) => return,
+                }
+            }
+            Incoming::DatagramEpochConfirmed { epoch } => Ctl::Confirmed(*epoch),
+            _ => return,
+        };
+        let _ = peer.ctl.send(c);
+    };
+    for inc in &stash {
+        forward(inc);
+    }
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install SIGTERM handler")?;
+    let mut reader = reader;
+    let code = loop {
+        tokio::select! {
+            inc = incoming.recv() => match inc {
+                Some(Incoming::Closed(reason)) => {
+                    break match reason {
+                        CloseReason::Normal => 0,
+                        CloseReason::PeerClosed(_) => {
+                            eprintln!("{reason}");
+                            0
+                        }
+                        other => {
+                            eprintln!("qssh: session ended: {other}");
+                            crate::cli::EXIT_CONNECT
+                        }
+                    };
+                }
+                Some(Incoming::Request { ch, .. }) => {
+                    router.reject(ch, CloseCode::Unsupported, "a connector offers no services");
+                }
+                Some(other) => forward(&other),
+                None => break crate::cli::EXIT_CONNECT,
+            },
+            why = &mut reader => {
+                let why = why.unwrap_or_else(|e| e.to_string());
+                eprintln!("vpn: the peer closed the VPN ({why})");
+                router.close(CloseCode::Normal, "vpn closed");
+                break 0;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                router.close(CloseCode::Normal, "bye");
+                break 0;
+            }
+            _ = sigterm.recv() => {
+                router.close(CloseCode::Normal, "bye");
+                break 0;
+            }
+        }
+    };
+    eprintln!("{}", peer.summary());
+    // Give the goodbye a moment to reach the peer, then tear everything down: dropping the
+    // last reference to the tunnel closes the TUN, and the kernel removes the interface and
+    // its routes.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(inc) = incoming.recv().await {
+            if matches!(inc, Incoming::Closed(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    reader.abort();
+    tasks.shutdown().await;
+    drop(peer);
+    let name = tunnel.name().to_string();
+    drop(tunnel);
+    eprintln!("vpn: interface {name} removed");
+    Ok(code)
+}
+
+impl Tunnel {
+    fn add_route(&self, r: &Prefix) -> Result<(), TunError> {
+        self.tun.add_route(r)
+    }
+    fn set_mtu(&self, mtu: u16) -> Result<(), TunError> {
+        self.tun
+            .dev
+            .set_mtu(mtu)
+            .map_err(|source| TunError::Configure {
+                name: self.tun.name.clone(),
+                what: format!("set MTU {mtu}"),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(addrs: &[&str]) -> VpnOptions {
+        VpnOptions {
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            tun_name: None,
+            routes: Vec::new(),
+            mtu: crate::core::vpn::DEFAULT_VPN_MTU,
+            udp: true,
+            offload: false,
+            rekey: None,
+        }
+    }
+
+    #[test]
+    fn option_rules() {
+        assert!(opts(&["10.200.0.1/24", "fd00::1/64"]).validate().is_ok());
+        assert!(matches!(
+            opts(&[]).validate(),
+            Err(VpnSetupError::NoAddress)
+        ));
+        assert!(matches!(
+            opts(&["10.200.0.1/24", "10.201.0.1/24"]).validate(),
+            Err(VpnSetupError::TwoOfFamily)
+        ));
+        assert!(matches!(
+            opts(&["127.0.0.1/8"]).validate(),
+            Err(VpnSetupError::Unusable(_))
+        ));
+        let mut o = opts(&["10.200.0.1/24"]);
+        o.mtu = 100;
+        assert!(matches!(o.validate(), Err(VpnSetupError::Mtu)));
+        o.mtu = 1400;
+        o.routes = vec!["10.0.0.0/8".parse().unwrap(); MAX_ROUTES + 1];
+        assert!(matches!(o.validate(), Err(VpnSetupError::TooManyRoutes)));
+    }
+
+    #[test]
+    fn local_only_sources_are_not_forwarded() {
+        for ip in [
+            "fe80::1",
+            "ff02::2",
+            "::",
+            "0.0.0.0",
+            "224.0.0.251",
+            "169.254.1.1",
+        ] {
+            assert!(is_local_only(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.200.0.1", "fd00::1", "2001:db8::1"] {
+            assert!(!is_local_only(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Datagram paths: how sealed datagram records (core::datagram) reach the peer.
+//!
+//! [`PacketPath`] is what the VPN needs from any UDP link: send a batch of records to an
+//! address. [`UdpLink`] implements it over one plain UDP socket, with quinn's socket layer
+//! (`quinn-udp`): UDP GSO sends up to 64 equal-sized records in one `sendmsg`, recvmmsg and
+//! UDP GRO receive many per system call. The NAT traversal driver (one socket demultiplexed
+//! by first byte, STUN and QUIC beside qssh records) implements the same trait and hands
+//! records whose first byte is 0x05 to the VPN's incoming-record hook
+//! (`app::vpn::Tunnel::handle_records`).
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
+use std::future::Future;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// Socket buffer size asked for (the kernel caps it at net.core.[rw]mem_max).
+pub const UDP_SOCKET_BUFFER: usize = 8 << 20;
+/// Largest UDP payload one receive buffer must hold without GRO.
+pub const MAX_UDP_PAYLOAD: usize = 65_535;
+/// Largest total payload of one GSO send: the kernel segments one UDP "super-datagram",
+/// whose length must fit the 16-bit IP/UDP length fields with headers.
+pub const MAX_GSO_BYTES: usize = 65_000;
+
+/// Something that carries datagram records to a peer.
+pub trait PacketPath: Send + Sync {
+    /// Sends `buf` to `dest` as consecutive records of `stride` bytes each (the last may be
+    /// shorter), in order. Waits while the socket buffer is full; other errors are the
+    /// network's business (UDP is lossy) and are returned for counting.
+    fn send_records<'a>(
+        &'a self,
+        dest: SocketAddr,
+        buf: &'a [u8],
+        stride: usize,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+}
+
+/// One UDP socket with batched I/O.
+pub struct UdpLink {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+/// Reusable receive buffers for [`UdpLink::recv_batch`].
+pub struct RecvBuffers {
+    bufs: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+}
+
+impl RecvBuffers {
+    /// Received buffer `i` (below what `recv_batch` returned): sender, payload, and the
+    /// stride of the records in it (GRO: several records of `stride` bytes, the last maybe
+    /// shorter; otherwise one record).
+    pub fn get(&self, i: usize) -> (SocketAddr, &[u8], usize) {
+        let (m, b) = (&self.meta[i], &self.bufs[i]);
+        let len = m.len.min(b.len());
+        let stride = if m.stride == 0 { len } else { m.stride };
+        (m.addr, &b[..len], stride)
+    }
+}
+
+impl UdpLink {
+    /// Binds `addr` (use port 0 for any). Must be called inside a tokio runtime.
+    pub fn bind(addr: SocketAddr) -> io::Result<UdpLink> {
+        let std = std::net::UdpSocket::bind(addr)?;
+        std.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&std).into())?;
+        // Best effort: bigger buffers absorb bursts (tunnels are loss-limited by them).
+        let _ = state.set_send_buffer_size((&std).into(), UDP_SOCKET_BUFFER);
+        let _ = state.set_recv_buffer_size((&std).into(), UDP_SOCKET_BUFFER);
+        Ok(UdpLink {
+            sock: UdpSocket::from_std(std)?,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    /// Records one GSO send may carry.
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments().max(1)
+    }
+
+    /// Buffers sized for this socket's GRO.
+    pub fn recv_buffers(&self) -> RecvBuffers {
+        let size = (self.state.gro_segments().max(1) * 1500).max(MAX_UDP_PAYLOAD);
+        RecvBuffers {
+            bufs: vec![vec![0u8; size]; BATCH_SIZE],
+            meta: vec![RecvMeta::default(); BATCH_SIZE],
+        }
+    }
+
+    /// Waits for datagrams; returns how many buffers [`RecvBuffers::get`] now holds.
+    pub async fn recv_batch(&self, rb: &mut RecvBuffers) -> io::Result<usize> {
+        let n = loop {
+            self.sock.readable().await?;
+            let mut slices: Vec<IoSliceMut<'_>> =
+                rb.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            match self.sock.try_io(Interest::READABLE, || {
+                self.state
+                    .recv((&self.sock).into(), &mut slices, &mut rb.meta)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(n)
+    }
+
+    async fn send_chunk(&self, dest: SocketAddr, chunk: &[u8], stride: usize) -> io::Result<()> {
+        let t = Transmit {
+            destination: dest,
+            ecn: None,
+            contents: chunk,
+            segment_size: (chunk.len() > stride).then_some(stride),
+            src_ip: None,
+        };
+        self.sock
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            })
+            .await
+    }
+}
+
+impl PacketPath for UdpLink {
+    fn send_records<'a>(
+        &'a self,
+        dest: SocketAddr,
+        buf: &'a [u8],
+        stride: usize,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            if stride == 0 {
+                return Ok(());
+            }
+            let segments = self.max_segments().min(MAX_GSO_BYTES / stride).max(1);
+            let per_send = stride * segments;
+            for chunk in buf.chunks(per_send) {
+                self.send_chunk(dest, chunk, stride).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Splits a received buffer into records of `stride` bytes (the last may be shorter).
+pub fn records(buf: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    buf.chunks(stride.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batched_records_arrive_whole_and_in_order() {
+        let a = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dest = b.local_addr().unwrap();
+        // 10 records of 100 bytes and a short last one, in one call.
+        let mut buf = Vec::new();
+        for i in 0..10u8 {
+            buf.extend_from_slice(&[i; 100]);
+        }
+        buf.extend_from_slice(&[10; 7]);
+        a.send_records(dest, &buf, 100).await.unwrap();
+        let mut rb = b.recv_buffers();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let from = a.local_addr().unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.len() < 11 && tokio::time::Instant::now() < deadline {
+            let n = tokio::time::timeout_at(deadline, b.recv_batch(&mut rb))
+                .await
+                .expect("records within 5 s")
+                .unwrap();
+            for i in 0..n {
+                let (src, payload, stride) = rb.get(i);
+                assert_eq!(src, from);
+                got.extend(records(payload, stride).map(<[u8]>::to_vec));
+            }
+        }
+        assert_eq!(got.len(), 11);
+        for (i, r) in got.iter().enumerate() {
+            let want = if i < 10 { 100 } else { 7 };
+            assert_eq!(r.len(), want);
+            assert!(r.iter().all(|&x| x == i as u8));
+        }
+    }
+}
