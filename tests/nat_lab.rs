@@ -13,7 +13,7 @@ use netns_nat::{punchable, require_netns, Nat, NatLab, Proc};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qssh");
-const RELAY_PORT: &str = "22223";
+const RELAY_PORT: &str = "22224";
 /// Bound on any single expected line.
 const LINE_WAIT: Duration = Duration::from_secs(20);
 /// Longest punching takes before it gives up (plain punching, then birthday probing for
