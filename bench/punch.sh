@@ -3,8 +3,8 @@
 #
 # Per NAT pairing {public, port-restricted cone, full cone, symmetric}²: time from starting
 # `qssh connect PEERID --relay` to the first chat message at the listener, and to the direct
-# path. Then bulk throughput of the chat channel over the direct QUIC/UDP path and over TCP
-# in the same lab (exec is not on main yet: the chat channel carries the bulk data).
+# path. Then `exec cat` of QSSH_BENCH_BYTES (default 1 GiB) over the direct QUIC/UDP path
+# and over TCP in the same lab and run.
 #
 #   bash bench/punch.sh                     # 1 GiB per transport
 #   QSSH_BENCH_BYTES=268435456 bash bench/punch.sh

@@ -13,7 +13,7 @@ use netns_nat::{punchable, require_netns, Nat, NatLab, Proc};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qssh");
-const RELAY_PORT: &str = "22223";
+const RELAY_PORT: &str = "22224";
 /// Bound on any single expected line.
 const LINE_WAIT: Duration = Duration::from_secs(20);
 /// Longest punching takes before it gives up (plain punching, then birthday probing for
@@ -533,9 +533,9 @@ fn nat_relay_refuses_hijack_survives_flood_and_sees_only_ciphertext() {
 
 /// Measurements for bench/punch.sh (ignored by default; run in release with --ignored
 /// --nocapture). Per NAT pairing: time from starting `connect` to the first chat message at
-/// the listener, and to the direct path. Then bulk throughput through the chat channel over
-/// the direct UDP path and over TCP in the same lab (public listener, port-restricted
-/// connector). Sizes: QSSH_BENCH_BYTES (default 1 GiB).
+/// the listener, and to the direct path. Then `exec cat` throughput over the direct UDP path
+/// and over TCP in the same lab (public listener, port-restricted connector). Size:
+/// QSSH_BENCH_BYTES (default 1 GiB).
 #[test]
 #[ignore = "benchmark: bench/punch.sh runs it"]
 fn bench_punch() {
@@ -600,12 +600,15 @@ fn bench_punch() {
                 &[("QSSH_HOME", &chome)],
             );
             con.send_line("first");
-            ok(lis.wait_out(|x| x.ends_with("first"), LINE_WAIT), &mut lis);
+            let r = lis.wait_out(|x| x.ends_with("first"), LINE_WAIT);
+            if r.is_err() {
+                eprintln!("connector stderr:\n{}", con.drain_err());
+            }
+            ok(r, &mut lis);
             let first = t0.elapsed();
             let direct = con
-                .seen_or_wait_err(|x| x.starts_with("path: direct "), PUNCH_WAIT)
-                .ok()
-                .map(|_| t0.elapsed());
+                .err_time(|x| x.starts_with("path: direct "), PUNCH_WAIT)
+                .map(|t| t.duration_since(t0));
             let err = con.drain_err();
             let last = err
                 .lines()
@@ -623,7 +626,7 @@ fn bench_punch() {
         }
     }
 
-    // Bulk: chat channel over the direct UDP path vs over TCP, same lab.
+    // Bulk: `exec cat` over the direct UDP path vs over TCP, same lab and same run.
     let bytes: usize = std::env::var("QSSH_BENCH_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -643,68 +646,58 @@ fn bench_punch() {
     );
     let relay_addr = format!("{}:{RELAY_PORT}", lab.relay_ip);
     let (lhome, chome) = (home(&lab, "lis"), home(&lab, "con"));
-    let lid = peer_id(&lab, &lhome);
+    let (lid, cid) = (peer_id(&lab, &lhome), peer_id(&lab, &chome));
     let mut lis = lab.spawn(
         &lab.sides[0].host,
         BIN,
-        &["listen", "--name", "l", "--relay", &relay_addr],
+        &[
+            "listen",
+            "--name",
+            "l",
+            "--relay",
+            &relay_addr,
+            "--allow",
+            &cid,
+        ],
         &[("QSSH_HOME", &lhome)],
     );
     ok(
         lis.wait_err(|x| x.starts_with("registered at relay"), LINE_WAIT),
         &mut lis,
     );
-    let line = "x".repeat(8000);
-    let lines = bytes / 8000;
     let tcp_target = format!("{lid}@{}:22222", lab.sides[0].wan);
-    for (label, args) in [
+    for (label, target) in [
         (
             "QUIC, direct UDP path",
-            vec![
-                "connect",
-                lid.as_str(),
-                "--relay",
-                relay_addr.as_str(),
-                "--name",
-                "c",
-            ],
+            format!("{lid} --relay {relay_addr}"),
         ),
-        ("TCP", vec!["connect", tcp_target.as_str(), "--name", "c"]),
+        ("TCP", tcp_target),
     ] {
-        let mut con = lab.spawn(&lab.sides[1].host, BIN, &args, &[("QSSH_HOME", &chome)]);
-        ok(
-            con.wait_err(|x| x.starts_with("connected to "), LINE_WAIT),
-            &mut con,
+        let cmd = format!(
+            "head -c {bytes} /dev/zero | QSSH_HOME={chome} {BIN} connect {target} -- cat | wc -c"
         );
-        if label.starts_with("QUIC") {
-            ok(
-                con.seen_or_wait_err(|x| x.starts_with("path: direct "), LINE_WAIT),
-                &mut con,
-            );
-        }
-        let mut stdin = con.stdin.take().expect("stdin");
-        let l2 = line.clone();
         let t0 = std::time::Instant::now();
-        let writer = std::thread::spawn(move || {
-            use std::io::Write;
-            for _ in 0..lines {
-                if writeln!(stdin, "{l2}").is_err() {
-                    return;
-                }
-            }
-        });
-        // One printed line per message.
-        let got = lis.read_out_lines(lines, Duration::from_secs(600));
-        let dt = t0.elapsed();
-        let _ = writer.join();
-        let payload = got * 8000;
-        println!(
-            "bulk {label}: {} MiB of chat payload in {:.2} s = {:.1} MiB/s",
-            payload >> 20,
-            dt.as_secs_f64(),
-            payload as f64 / (1 << 20) as f64 / dt.as_secs_f64()
+        let (okay, out, err) = lab.output(
+            &lab.sides[1].host,
+            "sh",
+            &["-c", &cmd],
+            Duration::from_secs(600),
         );
-        assert!(payload > 0, "{label}: nothing arrived");
-        con.kill();
+        let dt = t0.elapsed();
+        let got: usize = out.trim().parse().unwrap_or(0);
+        assert!(
+            okay && got == bytes,
+            "{label}: {got} of {bytes} bytes\n{err}"
+        );
+        let path = err
+            .lines()
+            .rfind(|l| l.starts_with("path: "))
+            .unwrap_or("tcp");
+        println!(
+            "exec cat {label}: {} MiB in {:.2} s = {:.1} MiB/s (ended on {path})",
+            bytes >> 20,
+            dt.as_secs_f64(),
+            bytes as f64 / f64::from(1 << 20) / dt.as_secs_f64()
+        );
     }
 }

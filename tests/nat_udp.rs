@@ -259,3 +259,55 @@ fn relay_refuses_an_unknown_peer_with_255() {
     let line = c.wait_err(|l| l.starts_with("qssh: "));
     assert!(line.contains("not registered"), "{line}");
 }
+
+/// `echo hi | qssh connect --udp ...`: a line piped before the session exists is delivered
+/// (the dialed session joins the chat room before input is read), five times over.
+#[test]
+fn piped_line_before_connect_is_delivered() {
+    let (lh, ch) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let id = peer_id(lh.path());
+    let (mut l, port) = listener(lh.path(), &[]);
+    let target = format!("{id}@127.0.0.1:{port}");
+    for i in 0..5 {
+        let mut c = start(ch.path(), &["connect", &target, "--udp", "--name", "con"]);
+        c.say(&format!("early bird {i}"));
+        l.wait_out(|x| x.ends_with(&format!("early bird {i}")));
+        assert_eq!(c.finish(), 0, "{:#?}", c.errs);
+    }
+}
+
+/// A command through the relay (`qssh connect PEERID --relay R -- CMD`): output, exit status.
+#[test]
+fn exec_through_the_relay() {
+    let (rh, lh, ch) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut relay = start(rh.path(), &["relay", "--bind", "127.0.0.1", "--port", "0"]);
+    let r = relay.wait_err(|l| l.starts_with("relay on UDP "));
+    let relay_addr = r.trim_start_matches("relay on UDP ").to_string();
+    let (lid, cid) = (peer_id(lh.path()), peer_id(ch.path()));
+    let (mut l, _) = listener(lh.path(), &["--relay", &relay_addr, "--allow", &cid]);
+    l.wait_err(|x| x.starts_with("registered at relay"));
+    let out = Command::new(BIN)
+        .env("QSSH_HOME", ch.path())
+        .args([
+            "connect",
+            &lid,
+            "--relay",
+            &relay_addr,
+            "--",
+            "echo exec-ok; exit 7",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "exec-ok",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(7));
+}

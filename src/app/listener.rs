@@ -577,8 +577,15 @@ async fn open_chat(mut c: Connected) -> Result<Dialed, ConnectError> {
     })
 }
 
-/// Runs a dialed session as a room member until it ends.
-async fn serve_dialed(id: u64, d: Dialed, shared: Arc<Shared>, first: bool) {
+/// Runs a dialed session as a room member until it ends. The session joins the room when
+/// this is called, not when the returned future first runs: a line typed (or piped) right
+/// after the dial must reach it.
+fn serve_dialed(
+    id: u64,
+    d: Dialed,
+    shared: Arc<Shared>,
+    first: bool,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let peer = d.c.peer.peer_id();
     let name = d.c.peer_name.clone();
     let (tx, rx) = d.chat.split();
@@ -600,21 +607,23 @@ async fn serve_dialed(id: u64, d: Dialed, shared: Arc<Shared>, first: bool) {
         peer,
         shared.console.clone(),
     ));
-    let reason = serve_session(
-        id,
-        d.addr,
-        SocketAddr::from(([0, 0, 0, 0], 0)),
-        d.router,
-        d.incoming,
-        shared.clone(),
-        Some((peer, name)),
-    )
-    .await;
-    if first {
-        *shared.first_close.lock().expect("first_close lock") = reason;
+    async move {
+        let reason = serve_session(
+            id,
+            d.addr,
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            d.router,
+            d.incoming,
+            shared.clone(),
+            Some((peer, name)),
+        )
+        .await;
+        if first {
+            *shared.first_close.lock().expect("first_close lock") = reason;
+        }
+        chat.abort();
+        let _ = d.c.task.await;
     }
-    chat.abort();
-    let _ = d.c.task.await;
 }
 
 /// Serves one session's requests under the policy until it ends; returns why it ended.

@@ -13,7 +13,7 @@
 //! - We exit only after every output byte was written and the exit status arrived; any
 //!   failure to connect, authenticate or be authorized exits 255, as ssh does.
 
-use super::dial::{dial, resolve_target, ConnectError, DialOptions};
+use super::dial::{dial_with, resolve_target, ConnectError, DialOptions, Transport};
 use super::forward::{start_local, ForwardError, ForwardSpec, RemoteForwards};
 use super::pty::{window_size, RawTerminal};
 use super::router::{route, ChannelEvent, ChannelSender, Incoming, OpenError, RouterHandle};
@@ -78,6 +78,8 @@ pub struct RemoteOptions {
     pub stdin_null: bool,
     pub local_forwards: Vec<ForwardSpec>,
     pub remote_forwards: Vec<ForwardSpec>,
+    /// TCP, QUIC over UDP, or through a relay (then `target` is a peer ID).
+    pub transport: Transport,
 }
 
 /// Failures of a remote session; the CLI exits 255 for every one of them, as ssh does.
@@ -164,9 +166,15 @@ pub async fn run(home: &Home, opts: RemoteOptions) -> Result<i32, RemoteError> {
         }
     };
     let identity = load_identity(home)?;
-    let target = resolve_target(&opts.target, opts.default_port, identity.peer_id()).await?;
+    let target = match opts.transport {
+        // A peer ID for the relay: no LAN lookup.
+        Transport::Relay { .. } => super::target::Target::parse(&opts.target, opts.default_port)
+            .map_err(ConnectError::from)?,
+        _ => resolve_target(&opts.target, opts.default_port, identity.peer_id()).await?,
+    };
     let peer = target.host_port();
-    let mut c = dial(
+    // `c` (with its UDP socket and path agent, if any) lives until the command ends.
+    let mut c = dial_with(
         home,
         identity,
         DialOptions {
@@ -176,6 +184,7 @@ pub async fn run(home: &Home, opts: RemoteOptions) -> Result<i32, RemoteError> {
             name: opts.name,
             psk: opts.psk,
         },
+        opts.transport,
     )
     .await?;
     debug!(

@@ -134,11 +134,11 @@ pub enum Command {
         /// Route this network through the tunnel (with --vpn; repeatable).
         #[arg(long, value_name = "CIDR")]
         route: Vec<String>,
-        /// QUIC over UDP instead of TCP (chat).
+        /// QUIC over UDP instead of TCP (chat, a command, -N).
         #[arg(long)]
         udp: bool,
         /// Reach the peer ID TARGET through this rendezvous/relay peer: relayed at once,
-        /// direct as soon as hole punching succeeds (chat).
+        /// direct as soon as hole punching succeeds (chat, a command, -N).
         #[arg(long, value_name = "HOST:PORT")]
         relay: Option<String>,
         /// STUN server for our public address (repeatable; with --relay).
@@ -532,10 +532,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             command,
         } => {
             let home = open_home(&cli.home)?;
-            if (udp || relay.is_some())
-                && (!command.is_empty() || no_command || !vpn.vpn.is_empty())
-            {
-                bail!("--udp and --relay carry chat for now; shell, exec, -N and --vpn connect over TCP");
+            if (udp || relay.is_some()) && !vpn.vpn.is_empty() {
+                bail!("--udp and --relay carry chat, commands and -N for now; --vpn connects over TCP");
             }
             if let Some(opts) = vpn.options(&route)? {
                 if !command.is_empty() || no_command {
@@ -577,7 +575,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     .await;
                 }
             };
-            remote(&home, peer, forwards, mode, io).await
+            remote(&home, peer, forwards, mode, io, transport(udp, relay, stun)).await
         }
         Command::Shell {
             peer,
@@ -589,7 +587,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 tty,
                 stdin_null: false,
             };
-            remote(&home, peer, forwards, Mode::Shell, io).await
+            remote(&home, peer, forwards, Mode::Shell, io, Default::default()).await
         }
         Command::Exec {
             peer,
@@ -598,7 +596,15 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             command,
         } => {
             let home = open_home(&cli.home)?;
-            remote(&home, peer, forwards, Mode::Exec(command), io).await
+            remote(
+                &home,
+                peer,
+                forwards,
+                Mode::Exec(command),
+                io,
+                Default::default(),
+            )
+            .await
         }
         Command::Ping {
             target,
@@ -739,6 +745,7 @@ async fn remote(
     forwards: ForwardArgs,
     mode: Mode,
     io: IoArgs,
+    transport: crate::app::dial::Transport,
 ) -> Result<i32> {
     let psk = peer.psk_file.as_deref().map(read_psk).transpose()?;
     Ok(shell::run(
@@ -754,6 +761,7 @@ async fn remote(
             stdin_null: io.stdin_null,
             local_forwards: forwards.local,
             remote_forwards: forwards.remote,
+            transport,
         },
     )
     .await?)

@@ -455,6 +455,7 @@ table ip filter {{
             what: format!("{program} in {ns}"),
             seen_err: Vec::new(),
             seen_out: Vec::new(),
+            seen_err_at: Vec::new(),
         }
     }
 
@@ -482,11 +483,11 @@ table ip filter {{
     }
 }
 
-fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
+fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<(Instant, String)> {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
         for l in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
+            if tx.send((Instant::now(), l)).is_err() {
                 return;
             }
         }
@@ -516,12 +517,14 @@ impl Drop for NatLab {
 pub struct Proc {
     child: Child,
     pub stdin: Option<ChildStdin>,
-    out: Receiver<String>,
-    err: Receiver<String>,
+    out: Receiver<(Instant, String)>,
+    err: Receiver<(Instant, String)>,
     pub what: String,
     /// Every stderr / stdout line read so far (for failure messages).
     pub seen_err: Vec<String>,
     pub seen_out: Vec<String>,
+    /// When each line of `seen_err` was read from the process.
+    pub seen_err_at: Vec<Instant>,
 }
 
 impl Proc {
@@ -533,8 +536,9 @@ impl Proc {
     }
 
     fn wait_in(
-        rx: &Receiver<String>,
+        rx: &Receiver<(Instant, String)>,
         seen: &mut Vec<String>,
+        mut at: Option<&mut Vec<Instant>>,
         what: &str,
         pred: &dyn Fn(&str) -> bool,
         timeout: Duration,
@@ -543,7 +547,10 @@ impl Proc {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(l) => {
+                Ok((t, l)) => {
+                    if let Some(at) = at.as_mut() {
+                        at.push(t);
+                    }
                     seen.push(l.clone());
                     if pred(&l) {
                         return Ok(l);
@@ -564,7 +571,14 @@ impl Proc {
         pred: impl Fn(&str) -> bool,
         timeout: Duration,
     ) -> Result<String, String> {
-        Self::wait_in(&self.err, &mut self.seen_err, &self.what, &pred, timeout)
+        Self::wait_in(
+            &self.err,
+            &mut self.seen_err,
+            Some(&mut self.seen_err_at),
+            &self.what,
+            &pred,
+            timeout,
+        )
     }
 
     /// Like [`Proc::wait_err`], but a line already read counts too.
@@ -585,19 +599,35 @@ impl Proc {
         pred: impl Fn(&str) -> bool,
         timeout: Duration,
     ) -> Result<String, String> {
-        Self::wait_in(&self.out, &mut self.seen_out, &self.what, &pred, timeout)
+        Self::wait_in(
+            &self.out,
+            &mut self.seen_out,
+            None,
+            &self.what,
+            &pred,
+            timeout,
+        )
     }
 
     /// Everything on stderr so far (reads what is queued).
+    /// When the first stderr line matching `pred` was read from the process, waiting at most
+    /// `timeout` for it.
+    pub fn err_time(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<Instant> {
+        self.seen_or_wait_err(&pred, timeout).ok()?;
+        let i = self.seen_err.iter().position(|l| pred(l))?;
+        self.seen_err_at.get(i).copied()
+    }
+
     pub fn drain_err(&mut self) -> String {
-        while let Ok(l) = self.err.try_recv() {
+        while let Ok((t, l)) = self.err.try_recv() {
             self.seen_err.push(l);
+            self.seen_err_at.push(t);
         }
         self.seen_err.join("\n")
     }
 
     pub fn drain_out(&mut self) -> String {
-        while let Ok(l) = self.out.try_recv() {
+        while let Ok((_, l)) = self.out.try_recv() {
             self.seen_out.push(l);
         }
         self.seen_out.join("\n")
