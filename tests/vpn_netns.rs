@@ -530,7 +530,13 @@ fn vpn_only_for_authorized_peers() {
         "{log}"
     );
     assert!(tun_interfaces(&lab.hosts[1].ns).is_empty());
-    assert!(wait_for(&llog, "refused Vpn channel").contains("not authorized for the VPN"));
+    // The listener logs the refusal with the peer ID and the missing option.
+    let refusal = wait_for(&llog, "refused Vpn channel");
+    let line = refusal
+        .lines()
+        .find(|l| l.contains("refused Vpn channel"))
+        .unwrap();
+    assert!(line.contains(&idb) && line.contains("vpn"), "{line}");
     // authorized_peers is read at each request: with `vpn` the same peer gets in.
     std::fs::write(ha.join("authorized_peers"), format!("{idb} vpn\n")).unwrap();
     let clog2 = tmp.path().join("c2.log");

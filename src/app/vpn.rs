@@ -374,14 +374,28 @@ impl Tunnel {
     /// are dropped and counted; authentic packets are written to the TUN.
     pub async fn handle_records(&self, from: SocketAddr, buf: &[u8], stride: usize) {
         let mut w = TunWriter::new(self.headroom);
-        let mut cache = None;
+        self.records_to_tun(from, buf, stride, &mut w, &mut None)
+            .await;
+        w.flush(self).await;
+    }
+
+    /// [`Self::handle_records`] with the caller's reusable batch state (the UDP reader's);
+    /// full GRO batches are written on the way, the rest stays for the caller's flush.
+    async fn records_to_tun(
+        &self,
+        from: SocketAddr,
+        buf: &[u8],
+        stride: usize,
+        w: &mut TunWriter,
+        cache: &mut Option<(u32, Arc<Peer>)>,
+    ) {
         for rec in records(buf, stride) {
-            self.open_record(from, rec, &mut w, &mut cache);
+            self.open_record(from, rec, w, cache);
+            // GRO coalescing works on batches of this size.
             if w.n >= IDEAL_BATCH_SIZE {
                 w.flush(self).await;
             }
         }
-        w.flush(self).await;
     }
 
     fn open_record(
@@ -587,13 +601,8 @@ impl Tunnel {
             };
             for i in 0..n {
                 let (from, payload, stride) = rb.get(i);
-                for rec in records(payload, stride) {
-                    self.open_record(from, rec, &mut w, &mut cache);
-                    // GRO coalescing works on batches of this size.
-                    if w.n >= IDEAL_BATCH_SIZE {
-                        w.flush(&self).await;
-                    }
-                }
+                self.records_to_tun(from, payload, stride, &mut w, &mut cache)
+                    .await;
             }
             w.flush(&self).await;
         }
