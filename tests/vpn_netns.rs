@@ -9,7 +9,7 @@
 #[path = "netns/mod.rs"]
 mod netns;
 
-use netns::{require_netns, skip_or_fail, Lab, Proc};
+use netns::{require_root_and, skip_or_fail, Lab, Proc};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,22 +21,15 @@ const QSSH: &str = env!("CARGO_BIN_EXE_qssh");
 const WAIT: Duration = Duration::from_secs(20);
 
 fn ready(test: &str) -> bool {
-    if !require_netns(test) {
+    let tools = [
+        ("ip", "-V"),
+        ("sysctl", "--version"),
+        ("iperf3", "--version"),
+        ("ping", "--version"),
+        ("python3", "--version"),
+    ];
+    if !require_root_and(test, &tools) {
         return false;
-    }
-    for tool in ["iperf3", "ping", "python3"] {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !ok {
-            return skip_or_fail(
-                test,
-                &format!("`{tool}` is not installed (scripts/ci-deps.sh)"),
-            );
-        }
     }
     if !Path::new("/dev/net/tun").exists() {
         return skip_or_fail(test, "/dev/net/tun is missing");

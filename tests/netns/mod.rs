@@ -24,8 +24,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-/// Environment variable that makes a missing lab prerequisite a failure instead of a skip.
-pub const REQUIRE_ENV: &str = "QSSH_REQUIRE_NETNS";
+#[path = "../support/gate.rs"]
+mod gate;
+#[allow(unused_imports)] // each test file uses a different subset
+pub use gate::{require_root_and, run, skip_or_fail, REQUIRE_ENV};
+
 /// Largest lab: keeps every loop over hosts bounded.
 pub const MAX_HOSTS: usize = 32;
 /// How long to wait for interfaces to become usable.
@@ -33,81 +36,9 @@ const LINK_WAIT: Duration = Duration::from_secs(5);
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn required() -> bool {
-    std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
-}
-
-/// Skips (returns false) or fails, according to [`REQUIRE_ENV`], with `why`.
-pub fn skip_or_fail(test: &str, why: &str) -> bool {
-    if required() {
-        panic!("{test}: {why}, and {REQUIRE_ENV}=1 requires this test to run");
-    }
-    // Straight to the stderr handle: unlike eprintln!, this is not captured by the test
-    // harness, so the skip is visible in a normal `cargo test` run.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: {why} (set {REQUIRE_ENV}=1 to make this a failure)"
-    );
-    false
-}
-
-fn effective_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
 /// Whether network-namespace tests can run here: root, `ip` (iproute2) and `sysctl`.
 pub fn require_netns(test: &str) -> bool {
-    if effective_uid() != Some(0) {
-        return skip_or_fail(test, "not running as root (network namespaces need it)");
-    }
-    for (tool, arg) in [("ip", "-V"), ("sysctl", "--version")] {
-        let ok = Command::new(tool)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return skip_or_fail(
-                test,
-                &format!("`{tool}` is not installed (scripts/ci-deps.sh)"),
-            );
-        }
-    }
-    true
-}
-
-/// Runs a command to completion; panics with its output on failure.
-pub fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command and ignores its outcome (cleanup paths).
-fn run_quiet(args: &[&str]) -> Option<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    gate::require_root_and(test, &[("ip", "-V"), ("sysctl", "--version")])
 }
 
 /// One host of a lab.
@@ -287,19 +218,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Processes first: deleting a namespace does not kill what runs inside it.
-        for ns in self.created.iter().rev() {
-            if let Some(pids) = run_quiet(&["ip", "netns", "pids", ns]) {
-                for pid in pids.split_whitespace().take(1000) {
-                    let _ = run_quiet(&["kill", "-KILL", pid]);
-                }
-            }
-        }
-        for ns in self.created.iter().rev() {
-            if run_quiet(&["ip", "netns", "del", ns]).is_none() {
-                eprintln!("warning: could not delete network namespace {ns}");
-            }
-        }
+        gate::delete_namespaces(&self.created);
     }
 }
 

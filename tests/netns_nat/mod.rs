@@ -29,7 +29,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-pub const REQUIRE_ENV: &str = "QSSH_REQUIRE_NETNS";
+#[path = "../support/gate.rs"]
+mod gate;
+use gate::run_quiet;
+#[allow(unused_imports)] // each test file uses a different subset
+pub use gate::{run, skip_or_fail, REQUIRE_ENV};
+
 /// Every wait in a lab is bounded by at most this.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -74,84 +79,17 @@ pub fn punchable(a: Nat, b: Nat) -> bool {
     )
 }
 
-fn required() -> bool {
-    std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
-}
-
-/// Skips (false) or panics, according to [`REQUIRE_ENV`].
-pub fn skip_or_fail(test: &str, why: &str) -> bool {
-    if required() {
-        panic!("{test}: {why}, and {REQUIRE_ENV}=1 requires this test to run");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: {why} (set {REQUIRE_ENV}=1 to make this a failure)"
-    );
-    false
-}
-
 /// Root and the lab tools (scripts/ci-deps.sh installs them).
 pub fn require_netns(test: &str) -> bool {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-        });
-    if uid.as_deref() != Some("0") {
-        return skip_or_fail(test, "not running as root (network namespaces need it)");
-    }
-    for (tool, arg) in [
-        ("ip", "-V"),
-        ("nft", "--version"),
-        ("turnserver", "--version"),
-        ("conntrack", "--version"),
-    ] {
-        let ok = Command::new(tool)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !ok {
-            return skip_or_fail(
-                test,
-                &format!("`{tool}` is not installed (scripts/ci-deps.sh)"),
-            );
-        }
-    }
-    true
-}
-
-/// Runs a command; panics with its output on failure.
-pub fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn run_quiet(args: &[&str]) -> Option<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    gate::require_root_and(
+        test,
+        &[
+            ("ip", "-V"),
+            ("nft", "--version"),
+            ("turnserver", "--version"),
+            ("conntrack", "--version"),
+        ],
+    )
 }
 
 /// One side of the lab: the host namespace, its router (if any), its addresses.
@@ -497,18 +435,7 @@ fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<(Instant, String)> 
 
 impl Drop for NatLab {
     fn drop(&mut self) {
-        for ns in self.created.iter().rev() {
-            if let Some(pids) = run_quiet(&["ip", "netns", "pids", ns]) {
-                for pid in pids.split_whitespace().take(1000) {
-                    let _ = run_quiet(&["kill", "-KILL", pid]);
-                }
-            }
-        }
-        for ns in self.created.iter().rev() {
-            if run_quiet(&["ip", "netns", "del", ns]).is_none() {
-                eprintln!("warning: could not delete network namespace {ns}");
-            }
-        }
+        gate::delete_namespaces(&self.created);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
