@@ -1,161 +1,22 @@
 //! Real `qssh` processes over loopback: chat through pipes, trust on first use, pinning,
 //! identity files, and a listener that shrugs off garbage while serving a session.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{lines_of, peer_id, qssh, run_with_input, wait_line, Guard, Listener, WAIT};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Child, Output, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_qssh");
-/// Every wait in these tests is bounded by this.
-const WAIT: Duration = Duration::from_secs(20);
-
-fn qssh(home: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.env("QSSH_HOME", home).env_remove("QSSH_LOG");
-    c
-}
-
+/// Runs `qssh ARGS` with `stdin` as its input, bounded by [`WAIT`].
 fn run(home: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = qssh(home)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    wait_output(child)
+    run_with_input(home, args, stdin.as_bytes(), WAIT)
 }
 
-fn wait_output(mut child: Child) -> Output {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > WAIT {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "qssh did not finish in time; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A running `qssh listen` with its stdin, stdout lines and stderr lines.
-struct Listener {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-    port: u16,
-}
-
-fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, what: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if what(&l) => return l,
-            Ok(_) => {}
-            Err(_) => panic!("expected line did not appear"),
-        }
-    }
-}
-
-impl Listener {
-    fn start(home: &Path, extra: &[&str]) -> Self {
-        let mut child = qssh(home)
-            .args([
-                "listen",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--name",
-                "lis",
-            ])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let out = lines_of(child.stdout.take().unwrap());
-        let err = lines_of(child.stderr.take().unwrap());
-        let banner = wait_line(&err, |l| l.starts_with("listening on "));
-        let port = banner
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {banner:?}"));
-        Listener {
-            child,
-            stdin,
-            out,
-            err,
-            port,
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn say(&mut self, line: &str) {
-        let s = self.stdin.as_mut().unwrap();
-        writeln!(s, "{line}").unwrap();
-        s.flush().unwrap();
-    }
-
-    fn stop(mut self) -> Output {
-        let pid = self.child.id() as i32;
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        drop(self.stdin.take());
-        let status = {
-            let start = Instant::now();
-            loop {
-                if let Some(s) = self.child.try_wait().unwrap() {
-                    break s;
-                }
-                assert!(start.elapsed() < WAIT, "listener ignored SIGTERM");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
-        let rest: Vec<String> = self.err.try_iter().collect();
-        Output {
-            status,
-            stdout: Vec::new(),
-            stderr: rest.join("\n").into_bytes(),
-        }
-    }
+/// Waits for a spawned qssh (its stdin already dealt with), bounded by [`WAIT`].
+fn wait_output(child: Child) -> Output {
+    Guard(Some(child)).wait_output(WAIT)
 }
 
 fn tmp() -> tempfile::TempDir {
@@ -166,17 +27,6 @@ fn home(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
 
-fn peer_id(home: &Path) -> String {
-    let out = run(home, &["id"], "");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn chat_both_ways_through_pipes_and_clean_exits() {
     let d = tmp();
@@ -184,7 +34,7 @@ fn chat_both_ways_through_pipes_and_clean_exits() {
     let mut l = Listener::start(&lh, &[]);
     let c_id = peer_id(&ch);
     let mut conn = qssh(&ch)
-        .args(["connect", &l.addr(), "--accept-new", "--name", "con"])
+        .args(["connect", &l.local_addr(), "--accept-new", "--name", "con"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -193,7 +43,7 @@ fn chat_both_ways_through_pipes_and_clean_exits() {
     let mut cin = conn.stdin.take().unwrap();
     let cout = lines_of(conn.stdout.take().unwrap());
     writeln!(cin, "hello listener").unwrap();
-    let got = wait_line(&l.out, |s| s.contains("hello listener"));
+    let got = wait_line(&l.stdout, |s| s.contains("hello listener"));
     assert_eq!(got, format!("con ({}): hello listener", &c_id[..12]));
     l.say("hello connector");
     let got = wait_line(&cout, |s| s.contains("hello connector"));
@@ -210,9 +60,9 @@ fn chat_both_ways_through_pipes_and_clean_exits() {
         String::from_utf8_lossy(&out.stderr)
     );
     for i in 0..50 {
-        wait_line(&l.out, |s| s.ends_with(&format!(": line {i}")));
+        wait_line(&l.stdout, |s| s.ends_with(&format!(": line {i}")));
     }
-    wait_line(&l.err, |s| s.contains("left"));
+    wait_line(&l.stderr, |s| s.contains("left"));
     let out = l.stop();
     assert!(out.status.success());
 }
@@ -222,14 +72,18 @@ fn listener_keeps_serving_after_its_stdin_ends() {
     let d = tmp();
     let (lh, ch) = (home(&d, "l"), home(&d, "c"));
     let mut l = Listener::start(&lh, &[]);
-    drop(l.stdin.take());
-    let out = run(&ch, &["connect", &l.addr(), "--accept-new"], "after eof\n");
+    drop(l.guard.child().stdin.take());
+    let out = run(
+        &ch,
+        &["connect", &l.local_addr(), "--accept-new"],
+        "after eof\n",
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_line(&l.out, |s| s.ends_with(": after eof"));
+    wait_line(&l.stdout, |s| s.ends_with(": after eof"));
     assert!(l.stop().status.success());
 }
 
@@ -238,7 +92,7 @@ fn trust_on_first_use_and_changed_key() {
     let d = tmp();
     let (lh, ch) = (home(&d, "l"), home(&d, "c"));
     let l = Listener::start(&lh, &[]);
-    let addr = l.addr();
+    let addr = l.local_addr();
     // Unknown peer without a terminal and without --accept-new: refused, 255.
     let out = run(&ch, &["connect", &addr], "x\n");
     assert_eq!(out.status.code(), Some(255));
@@ -266,7 +120,7 @@ fn trust_on_first_use_and_changed_key() {
     let out = run(&lh, &["keygen", "--force"], "");
     assert!(out.status.success());
     let l = Listener::start(&lh, &[]);
-    let addr2 = l.addr();
+    let addr2 = l.local_addr();
     // Same address (port may differ): record the new port with the old key to simulate it.
     let old = known
         .lines()
@@ -295,14 +149,22 @@ fn pinned_peer_id_needs_no_question_and_refuses_others() {
     let (lh, ch, other) = (home(&d, "l"), home(&d, "c"), home(&d, "o"));
     let l = Listener::start(&lh, &[]);
     let id = peer_id(&lh);
-    let out = run(&ch, &["connect", &format!("{id}@{}", l.addr())], "pinned\n");
+    let out = run(
+        &ch,
+        &["connect", &format!("{id}@{}", l.local_addr())],
+        "pinned\n",
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let wrong = peer_id(&other);
-    let out = run(&ch, &["connect", &format!("{wrong}@{}", l.addr())], "x\n");
+    let out = run(
+        &ch,
+        &["connect", &format!("{wrong}@{}", l.local_addr())],
+        "x\n",
+    );
     assert_eq!(out.status.code(), Some(255));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not the expected"));
     l.stop();
@@ -333,7 +195,7 @@ fn garbage_oversized_prefix_and_half_open_do_not_disturb_a_session() {
     let (lh, ch) = (home(&d, "l"), home(&d, "c"));
     let mut l = Listener::start(&lh, &[]);
     let mut conn = qssh(&ch)
-        .args(["connect", &l.addr(), "--accept-new", "--name", "good"])
+        .args(["connect", &l.local_addr(), "--accept-new", "--name", "good"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -342,9 +204,9 @@ fn garbage_oversized_prefix_and_half_open_do_not_disturb_a_session() {
     let mut cin = conn.stdin.take().unwrap();
     let cout = lines_of(conn.stdout.take().unwrap());
     writeln!(cin, "before").unwrap();
-    wait_line(&l.out, |s| s.ends_with(": before"));
+    wait_line(&l.stdout, |s| s.ends_with(": before"));
 
-    let addr = l.addr();
+    let addr = l.local_addr();
     // Garbage, an oversized length prefix, and a connection that never says anything.
     let mut g = TcpStream::connect(&addr).unwrap();
     g.write_all(&[0x42; 4096]).unwrap();
@@ -359,7 +221,7 @@ fn garbage_oversized_prefix_and_half_open_do_not_disturb_a_session() {
         assert!(n == 0 || buf[4] == 6, "expected close or an ALERT record");
     }
     writeln!(cin, "after").unwrap();
-    wait_line(&l.out, |s| s.ends_with(": after"));
+    wait_line(&l.stdout, |s| s.ends_with(": after"));
     l.say("still serving");
     wait_line(&cout, |s| s.ends_with(": still serving"));
     drop(cin);
@@ -418,7 +280,7 @@ fn slh_dsa_peers_chat() {
     let l = Listener::start(&lh, &[]);
     let out = run(
         &ch,
-        &["connect", &l.addr(), "--accept-new"],
+        &["connect", &l.local_addr(), "--accept-new"],
         "sphincs says hi\n",
     );
     assert!(
@@ -426,7 +288,7 @@ fn slh_dsa_peers_chat() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_line(&l.out, |s| s.ends_with(": sphincs says hi"));
+    wait_line(&l.stdout, |s| s.ends_with(": sphincs says hi"));
     l.stop();
 }
 
@@ -444,7 +306,7 @@ fn psk_file_must_match() {
         &ch,
         &[
             "connect",
-            &l.addr(),
+            &l.local_addr(),
             "--accept-new",
             "--psk-file",
             k2.to_str().unwrap(),
@@ -453,14 +315,14 @@ fn psk_file_must_match() {
     );
     assert_eq!(out.status.code(), Some(255));
     assert!(String::from_utf8_lossy(&out.stderr).contains("pre-shared key"));
-    let out = run(&ch, &["connect", &l.addr(), "--accept-new"], "x\n");
+    let out = run(&ch, &["connect", &l.local_addr(), "--accept-new"], "x\n");
     assert_eq!(out.status.code(), Some(255));
     assert!(String::from_utf8_lossy(&out.stderr).contains("requires a pre-shared key"));
     let out = run(
         &ch,
         &[
             "connect",
-            &l.addr(),
+            &l.local_addr(),
             "--accept-new",
             "--psk-file",
             k1.to_str().unwrap(),

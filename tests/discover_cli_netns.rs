@@ -3,10 +3,13 @@
 //! finds the peer, pins its announced ID and chats both ways; an impostor that announces
 //! another peer's name and ID is refused at the handshake.
 
+mod common;
 #[path = "netns/mod.rs"]
 mod netns;
 
+use common::peer_id;
 use netns::{require_netns, Lab, Proc};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -18,21 +21,6 @@ fn home(dir: &tempfile::TempDir, i: usize) -> String {
         .join(format!("h{i}"))
         .to_string_lossy()
         .into_owned()
-}
-
-fn peer_id(lab: &Lab, home: &str) -> String {
-    let out = lab
-        .command(0, BIN, &["id"])
-        .env("QSSH_HOME", home)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 fn start_listener(lab: &Lab, i: usize, home: &str, name: &str) -> Proc {
@@ -85,7 +73,7 @@ fn discover_lists_every_listener_and_connect_by_name_chats_both_ways() {
     let lab = Lab::new("cli", 3);
     let dir = tempfile::tempdir().unwrap();
     let homes: Vec<String> = (0..3).map(|i| home(&dir, i)).collect();
-    let ids: Vec<String> = homes.iter().map(|h| peer_id(&lab, h)).collect();
+    let ids: Vec<String> = homes.iter().map(|h| peer_id(Path::new(h))).collect();
     let mut listeners: Vec<Proc> = (0..3)
         .map(|i| start_listener(&lab, i, &homes[i], &format!("host{i}")))
         .collect();
@@ -179,7 +167,7 @@ fn impostor_announcing_another_peer_is_refused_at_handshake() {
     let lab = Lab::new("imp", 3);
     let dir = tempfile::tempdir().unwrap();
     let homes: Vec<String> = (0..3).map(|i| home(&dir, i)).collect();
-    let real_id = peer_id(&lab, &homes[1]);
+    let real_id = peer_id(Path::new(&homes[1]));
     // The real "alice" is not running; an impostor on host 2 announces alice's ID and name
     // (disc_probe announces whatever it is told) and listens with its own key.
     let _imp_listener = lab.spawn_with(

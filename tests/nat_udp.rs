@@ -2,15 +2,14 @@
 //! address, and `listen --relay` / `connect PEERID --relay` through `qssh relay` (relayed at
 //! once, then direct on loopback), chat both ways, `ping`, clean exit. No root needed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{lines_of, peer_id, BIN, WAIT};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_qssh");
-/// Every wait in these tests is bounded by this.
-const WAIT: Duration = Duration::from_secs(20);
 
 struct P {
     child: Child,
@@ -25,18 +24,6 @@ impl Drop for P {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 fn start(home: &Path, args: &[&str]) -> P {
@@ -122,21 +109,6 @@ impl P {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-fn peer_id(home: &Path) -> String {
-    let out = Command::new(BIN)
-        .env("QSSH_HOME", home)
-        .arg("id")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 fn listener(home: &Path, extra: &[&str]) -> (P, u16) {

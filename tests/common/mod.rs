@@ -172,6 +172,34 @@ impl Listener {
         format!("{}@127.0.0.1:{}", self.id, self.port)
     }
 
+    /// `127.0.0.1:PORT`: unpinned, so trust on first use applies.
+    pub fn local_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the listener with SIGTERM (stdin closed too) and returns its exit status and
+    /// the stderr lines not read yet.
+    pub fn stop(mut self) -> Output {
+        let child = self.guard.child();
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        drop(child.stdin.take());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(start.elapsed() < WAIT, "listener ignored SIGTERM");
+            std::thread::sleep(POLL);
+        };
+        let rest: Vec<String> = self.stderr.try_iter().collect();
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr: rest.join("\n").into_bytes(),
+        }
+    }
+
     /// Types a chat line on the listener's stdin.
     pub fn say(&mut self, line: &str) {
         let stdin = self.guard.child().stdin.as_mut().unwrap();
