@@ -21,13 +21,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// TCP connect timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// TCP connect timeout per address when there are several to try.
-pub const CONNECT_TIMEOUT_PER_CANDIDATE: Duration = Duration::from_secs(2);
 
 /// A failure to reach or authenticate the peer: the CLI exits 255 for these.
 #[derive(Debug, Error)]
@@ -362,28 +359,14 @@ pub async fn dial(
     } else {
         t.addrs.clone()
     };
-    let mut last = String::from("no addresses");
-    let mut stream = None;
-    for addr in &addrs {
-        // Several candidates (discovery may list unreachable ones): do not let one stall.
-        let per_addr = if addrs.len() > 1 {
-            CONNECT_TIMEOUT_PER_CANDIDATE
-        } else {
-            CONNECT_TIMEOUT
-        };
-        match tokio::time::timeout(per_addr, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                stream = Some(s);
-                break;
-            }
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = format!("timed out after {}s", per_addr.as_secs()),
-        }
-    }
-    let stream = stream.ok_or_else(|| ConnectError::Tcp {
-        addr: t.host_port(),
-        reason: last,
-    })?;
+    // Several addresses (discovery may list unreachable ones): Happy Eyeballs, so that one
+    // silent address does not stall the others.
+    let stream = crate::net::eyeballs::connect(&addrs, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| ConnectError::Tcp {
+            addr: t.host_port(),
+            reason: e.to_string(),
+        })?;
     let addr = stream.peer_addr().map_err(|e| ConnectError::Tcp {
         addr: t.host_port(),
         reason: e.to_string(),

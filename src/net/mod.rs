@@ -1,6 +1,7 @@
 //! Tokio drivers that move the sans-IO core's bytes over real links.
 
 pub mod discovery;
+pub mod eyeballs;
 pub mod path;
 pub mod quic;
 pub mod relay;
