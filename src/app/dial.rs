@@ -1,4 +1,4 @@
-//! The connecting side of every command (connect, later shell, exec, forwarding, vpn):
+//! The connecting side of every command (connect, shell, exec, forwarding, vpn, ping):
 //! resolve the target, open the link (TCP; or QUIC over UDP, by address or through a relay
 //! with hole punching: [`dial_with`]), run the handshake and decide trust as ssh does.
 //!

@@ -1,4 +1,4 @@
-//! Services on top of a session (chat, shell, exec, forwarding, and later the VPN) and the local
+//! Services on top of a session (chat, shell, exec, forwarding, the VPN) and the local
 //! state they use (identity, known and authorized peers).
 
 pub mod chat;
