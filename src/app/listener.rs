@@ -194,7 +194,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                 let udp_local = incoming.local_ip().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |ip| SocketAddr::new(ip, 0));
                 tasks.spawn(async move {
                     match crate::net::quic::accept(incoming, HANDSHAKE_TIMEOUT).await {
-                        Ok(link) => serve_peer(id, crate::net::quic::spawn_session(link, session), addr, udp_local, shared).await,
+                        Ok(link) => serve_peer(id, crate::net::quic::spawn_session(link, session), addr, udp_local, true, shared).await,
                         Err(e) => {
                             let _ = shared.admission.lock().expect("admission lock").handshake_done(false);
                             info!(%addr, "QUIC connection failed: {e}");
@@ -218,7 +218,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                     Box::new(OsRandom),
                 );
                 let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, local, shared.clone()));
+                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, local, false, shared.clone()));
             }
             line = input.recv(), if input_open => match line {
                 Some(Input::Line(l)) => match parse_line(&l) {
@@ -302,7 +302,7 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
 /// registered at a relay.
 struct UdpSide {
     endpoint: quinn::Endpoint,
-    _mux: UdpMux,
+    mux: UdpMux,
     _agent: Option<Agent>,
 }
 
@@ -362,7 +362,7 @@ async fn start_udp(identity: &Arc<Identity>, port: u16, on: &ListenOn) -> Result
     };
     Ok(Some(UdpSide {
         endpoint,
-        _mux: mux,
+        mux,
         _agent: agent,
     }))
 }
@@ -424,6 +424,11 @@ async fn start_listening(
         None
     };
     let udp = start_udp(identity, local.port(), on).await?;
+    // VPN peers whose session runs over QUIC (direct, punched or relayed) send their
+    // datagram records on that same socket.
+    if let (Some(v), Some(u)) = (&vpn, &udp) {
+        v.attach_mux(&u.mux);
+    }
     Ok((listener, announcer, udp, vpn))
 }
 
@@ -538,16 +543,19 @@ async fn broadcast(room: &Room, text: String) {
     }
 }
 
+/// `on_udp`: the session runs over QUIC on the listener's UDP socket, where `addr` is the
+/// peer's address (virtual for peers reached through the relay).
 async fn serve_peer(
     id: u64,
     spawned: Spawned,
     addr: SocketAddr,
     local: SocketAddr,
+    on_udp: bool,
     shared: Arc<Shared>,
 ) {
     let (handle, events, task) = spawned;
     let (router, incoming) = route(handle, events);
-    serve_session(id, addr, local, router, incoming, shared, None).await;
+    serve_session(id, addr, local, on_udp, router, incoming, shared, None).await;
     let _ = task.await;
 }
 
@@ -612,6 +620,7 @@ fn serve_dialed(
             id,
             d.addr,
             SocketAddr::from(([0, 0, 0, 0], 0)),
+            false,
             d.router,
             d.incoming,
             shared.clone(),
@@ -632,6 +641,7 @@ async fn serve_session(
     id: u64,
     addr: SocketAddr,
     local: SocketAddr,
+    on_udp: bool,
     router: RouterHandle,
     mut incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
     shared: Arc<Shared>,
@@ -686,10 +696,13 @@ async fn serve_session(
                         (Some(_), Some(_)) => {
                             router.reject(ch, CloseCode::Limit, "one VPN channel per session");
                         }
-                        (Some(server), None) => match server.accept(&router, ch, &params, peer) {
-                            Ok(v) => vpn = Some(v),
-                            Err(why) => warn!(peer = %peer, %addr, "refused VPN: {why}"),
-                        },
+                        (Some(server), None) => {
+                            match server.accept(&router, ch, &params, peer, on_udp.then_some(addr))
+                            {
+                                Ok(v) => vpn = Some(v),
+                                Err(why) => warn!(peer = %peer, %addr, "refused VPN: {why}"),
+                            }
+                        }
                         (None, _) => router.reject(ch, CloseCode::Refused, "no VPN here"),
                     }
                     continue;

@@ -20,7 +20,7 @@
 //! (epochs, path probes and keepalives, key expiry). Nothing here parses wire bytes itself:
 //! that is `core::vpn` and `core::datagram`.
 
-use super::dial::{dial, resolve_target, ConnectError, DialOptions};
+use super::dial::{dial_with, resolve_target, ConnectError, DialOptions, Transport};
 use super::router::{route, ChannelEvent, ChannelSender, Incoming, RouterHandle};
 use super::store::Home;
 use crate::core::crypto::{random_array, OsRandom, Secret32};
@@ -30,6 +30,7 @@ use crate::core::datagram::{
 };
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::PeerId;
+use crate::core::limits::VPN_DATAGRAM_QUEUE;
 use crate::core::session::CloseReason;
 use crate::core::vpn::{
     check_inbound, ip_addresses, AllowedIps, Deframer, PathNews, Prefix, UdpPath, Verdict,
@@ -37,7 +38,8 @@ use crate::core::vpn::{
 };
 use crate::net::tcp::SessionHandle;
 use crate::net::tun::{Tun, TunConfig, TunError};
-use crate::net::udp_path::{records, PacketPath, UdpLink};
+use crate::net::udp::UdpMux;
+use crate::net::udp_path::{records, MuxPath, PacketPath, UdpLink};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -52,6 +54,10 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// How long a connector waits for the listener's PARAMS after the channel opened.
 pub const PARAMS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest tunnel MTU when records ride the session's path: the default minus the relay's
+/// RELAY_DATA header, since the path may be relayed at any time.
+pub const SESSION_PATH_MAX_MTU: u16 =
+    crate::core::vpn::DEFAULT_VPN_MTU - crate::core::rendezvous::RELAY_DATA_HEADER as u16;
 /// Control tasks look at their timers at least this often (rotation by age, key expiry).
 const CONTROL_TICK: Duration = Duration::from_secs(1);
 /// A TUN read batch keeps reading without waiting while this many buffers are free (one
@@ -168,7 +174,10 @@ struct Peer {
     /// Cache of `path.use_udp(now)` for the data tasks.
     udp_on: AtomicBool,
     endpoint: Mutex<Option<SocketAddr>>,
-    link: Option<Arc<UdpLink>>,
+    /// The endpoint is the session's own peer address (records on the session's path, which
+    /// the NAT traversal socket routes): authentic records do not move it.
+    fixed_endpoint: bool,
+    link: Option<Arc<dyn PacketPath>>,
     ctl: mpsc::UnboundedSender<Ctl>,
     stats: PeerStats,
 }
@@ -426,7 +435,7 @@ impl Tunnel {
             return;
         }
         // Authentic: this is where the peer is (it may have roamed).
-        {
+        if !peer.fixed_endpoint {
             let mut ep = peer.endpoint.lock().expect("endpoint lock");
             if *ep != Some(from) {
                 debug!(peer = %peer.label, %from, "UDP endpoint");
@@ -608,6 +617,27 @@ impl Tunnel {
         }
     }
 
+    /// Receives datagram records from the NAT traversal socket ([`UdpMux::datagrams`]) until
+    /// it closes; what is queued is taken in one batch, so TUN writes coalesce (GRO).
+    async fn mux_reader(self: Arc<Self>, mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
+        let mut w = TunWriter::new(self.headroom);
+        let mut cache = None;
+        while let Some((from, rec)) = rx.recv().await {
+            self.records_to_tun(from, &rec, rec.len(), &mut w, &mut cache)
+                .await;
+            let mut more = 0;
+            while more < IDEAL_BATCH_SIZE {
+                let Ok((from, rec)) = rx.try_recv() else {
+                    break;
+                };
+                self.records_to_tun(from, &rec, rec.len(), &mut w, &mut cache)
+                    .await;
+                more += 1;
+            }
+            w.flush(&self).await;
+        }
+    }
+
     /// Reads the VPN channel of `peer` until it closes: packets to the TUN, path news to
     /// the path state.
     async fn channel_reader(
@@ -770,7 +800,8 @@ struct PeerSetup {
     local_session: u32,
     peer_session: u32,
     endpoint: Option<SocketAddr>,
-    link: Option<Arc<UdpLink>>,
+    fixed_endpoint: bool,
+    link: Option<Arc<dyn PacketPath>>,
     rekey: Option<(u64, Duration)>,
 }
 
@@ -805,6 +836,7 @@ fn build_peer(s: PeerSetup) -> (Arc<Peer>, mpsc::UnboundedReceiver<Ctl>) {
         path: Mutex::new(UdpPath::new(now, probing)),
         udp_on: AtomicBool::new(false),
         endpoint: Mutex::new(s.endpoint),
+        fixed_endpoint: s.fixed_endpoint,
         link: s.link,
         ctl: ctl_tx,
         stats: PeerStats::default(),
@@ -833,6 +865,8 @@ pub struct VpnServer {
     opts: VpnOptions,
     link: Option<Arc<UdpLink>>,
     udp_port: u16,
+    /// The listener's NAT traversal socket, for peers whose session runs over QUIC on it.
+    mux: Mutex<Option<Arc<MuxPath>>>,
     tasks: Mutex<JoinSet<()>>,
 }
 
@@ -878,8 +912,23 @@ impl VpnServer {
             opts,
             link,
             udp_port,
+            mux: Mutex::new(None),
             tasks: Mutex::new(tasks),
         }))
+    }
+
+    /// Carries the datagram records of peers whose session runs over QUIC on `mux` (the
+    /// listener's UDP socket: direct, punched or relayed) on that same socket.
+    pub fn attach_mux(&self, mux: &UdpMux) {
+        if !self.opts.udp {
+            return;
+        }
+        let rx = mux.datagrams(VPN_DATAGRAM_QUEUE);
+        self.tasks
+            .lock()
+            .expect("tasks lock")
+            .spawn(self.tunnel.clone().mux_reader(rx));
+        *self.mux.lock().expect("mux lock") = Some(Arc::new(MuxPath::new(mux.clone())));
     }
 
     pub fn interface(&self) -> &str {
@@ -888,13 +937,15 @@ impl VpnServer {
 
     /// Answers an authorized peer's VPN channel request: checks its parameters, accepts the
     /// channel, and serves the peer until the channel closes. Refusals are sent to the peer
-    /// and returned for the log.
+    /// and returned for the log. `session_addr`: the peer's address on the listener's UDP
+    /// socket when the session runs over QUIC there (virtual for relayed peers).
     pub fn accept(
         self: &Arc<Self>,
         router: &RouterHandle,
         ch: u32,
         params: &[u8],
         peer_id: PeerId,
+        session_addr: Option<SocketAddr>,
     ) -> Result<ListenerVpn, String> {
         let refuse = |code: CloseCode, why: String| {
             router.reject(ch, code, &why);
@@ -911,12 +962,30 @@ impl VpnServer {
         let session = channel.session().clone();
         let (chan, events) = channel.split();
         let local_session = new_session_id();
-        let use_udp = p.udp && self.link.is_some();
+        // Records ride the session's own path when both sides can; otherwise our own port.
+        let session_path = match (session_addr, self.mux.lock().expect("mux lock").clone()) {
+            (Some(a), Some(m)) if p.udp && p.session_path => Some((a, m)),
+            _ => None,
+        };
+        let (link, endpoint): (Option<Arc<dyn PacketPath>>, _) = match &session_path {
+            Some((a, m)) => (Some(m.clone()), Some(*a)),
+            None if p.udp => match &self.link {
+                Some(l) => (Some(l.clone()), None),
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        let use_udp = link.is_some();
         let mine = VpnParams {
             udp: use_udp,
             mtu: self.opts.mtu,
             receiver_session: local_session,
-            udp_port: if use_udp { self.udp_port } else { 0 },
+            udp_port: if use_udp && session_path.is_none() {
+                self.udp_port
+            } else {
+                0
+            },
+            session_path: session_path.is_some(),
             addresses: self.opts.addresses.clone(),
         };
         let label = peer_id.short();
@@ -929,8 +998,9 @@ impl VpnServer {
             initiator: false,
             local_session,
             peer_session: p.receiver_session,
-            endpoint: None,
-            link: if use_udp { self.link.clone() } else { None },
+            endpoint,
+            fixed_endpoint: session_path.is_some(),
+            link,
             rekey: self.opts.rekey,
         });
         // PARAMS first on the channel; our epoch announcement follows on the session.
@@ -960,7 +1030,13 @@ impl VpnServer {
         eprintln!(
             "vpn: peer {label} joined with {}{}",
             join(&p.addresses),
-            if use_udp { "" } else { " (TCP link only)" }
+            if session_path.is_some() {
+                " (UDP on the session's path)"
+            } else if use_udp {
+                ""
+            } else {
+                " (TCP link only)"
+            }
         );
         let ctl = peer.ctl.clone();
         let server = self.clone();
@@ -1068,13 +1144,15 @@ fn join(addrs: &[Prefix]) -> String {
 
 // ----- connector side -----
 
-/// `qssh connect TARGET --vpn ADDR`: connects, brings up the tunnel, and runs until
-/// SIGINT/SIGTERM or until the peer leaves. Returns the exit status.
+/// `qssh connect TARGET --vpn ADDR`: connects (over TCP, QUIC by address, or through a
+/// relay by peer ID), brings up the tunnel, and runs until SIGINT/SIGTERM or until the peer
+/// leaves. Returns the exit status.
 pub async fn connect(
     home: &Home,
     target: &str,
     default_port: u16,
     dial_opts: (bool, String, Option<Secret32>),
+    transport: Transport,
     opts: VpnOptions,
 ) -> Result<i32> {
     opts.validate()?;
@@ -1087,8 +1165,12 @@ pub async fn connect(
     }
     let (accept_new, name, psk) = dial_opts;
     let identity = super::chat::load_identity(home)?;
-    let target = resolve_target(target, default_port, identity.peer_id()).await?;
-    let mut c = dial(
+    let target = match transport {
+        // A peer ID for the relay: no LAN lookup.
+        Transport::Relay { .. } => super::target::Target::parse(target, default_port)?,
+        _ => resolve_target(target, default_port, identity.peer_id()).await?,
+    };
+    let mut c = dial_with(
         home,
         identity,
         DialOptions {
@@ -1098,17 +1180,29 @@ pub async fn connect(
             name,
             psk,
         },
+        transport,
     )
     .await?;
     let label = c.peer.peer_id().short();
     let listener_ip = c.addr.ip().to_canonical();
     let (router, mut incoming) = route(c.handle.clone(), c.take_events());
     let local_session = new_session_id();
+    // Over QUIC, records can ride the session's own socket and path: the peer's address as
+    // QUIC sees it (virtual when reached through a relay, resolved per send to the punched
+    // direct address or the relay).
+    let session_path = match (&c.udp, opts.udp) {
+        (Some(u), true) => Some((
+            u.agent.as_ref().map_or(c.addr, |(_, virt)| *virt),
+            u.mux.clone(),
+        )),
+        _ => None,
+    };
     let mine = VpnParams {
         udp: opts.udp,
         mtu: opts.mtu,
         receiver_session: local_session,
         udp_port: 0,
+        session_path: session_path.is_some(),
         addresses: opts.addresses.clone(),
     };
     let channel = match router.open(ChannelKind::Vpn, &mine.encode()).await {
@@ -1166,20 +1260,35 @@ pub async fn connect(
         }
     }
     let theirs = theirs.expect("loop ends with params");
+    let mut tasks = JoinSet::new();
     let mut opts = opts;
-    if theirs.mtu < opts.mtu {
-        opts.mtu = theirs.mtu;
+    let session_path = session_path.filter(|_| theirs.udp && theirs.session_path);
+    // On the session's path a record may be relayed: leave room for the relay's header so a
+    // full-sized packet still fits the link the default MTU was chosen for.
+    let mut mtu = opts.mtu.min(theirs.mtu);
+    if session_path.is_some() {
+        mtu = mtu.min(SESSION_PATH_MAX_MTU);
+    }
+    if mtu != opts.mtu {
+        opts.mtu = mtu;
         tunnel.set_mtu(opts.mtu)?;
     }
-    let use_udp = opts.udp && theirs.udp && theirs.udp_port != 0;
-    let link = if use_udp {
+    let use_udp = opts.udp && theirs.udp && theirs.udp_port != 0 && c.udp.is_none();
+    let link: Option<Arc<dyn PacketPath>> = if let Some((_, mux)) = &session_path {
+        tasks.spawn(tunnel.clone().mux_reader(mux.datagrams(VPN_DATAGRAM_QUEUE)));
+        Some(Arc::new(MuxPath::new(mux.clone())))
+    } else if use_udp {
         let any: SocketAddr = if listener_ip.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         match UdpLink::bind(any) {
-            Ok(l) => Some(Arc::new(l)),
+            Ok(l) => {
+                let l = Arc::new(l);
+                tasks.spawn(tunnel.clone().udp_reader(l.clone()));
+                Some(l)
+            }
             Err(e) => {
                 warn!("no UDP path: cannot bind a UDP socket: {e}");
                 None
@@ -1188,9 +1297,12 @@ pub async fn connect(
     } else {
         None
     };
-    let endpoint = link
-        .as_ref()
-        .map(|_| SocketAddr::new(listener_ip, theirs.udp_port));
+    let endpoint = match &session_path {
+        Some((addr, _)) => Some(*addr),
+        None => link
+            .as_ref()
+            .map(|_| SocketAddr::new(listener_ip, theirs.udp_port)),
+    };
     // From the listener we accept its tunnel networks and what we route through it.
     let allowed = AllowedIps::new(
         theirs
@@ -1209,6 +1321,7 @@ pub async fn connect(
         local_session,
         peer_session: theirs.receiver_session,
         endpoint,
+        fixed_endpoint: session_path.is_some(),
         link: link.clone(),
         rekey: opts.rekey,
     });
@@ -1232,16 +1345,13 @@ pub async fn connect(
         } else {
             format!(", routes {}", join(&opts.routes))
         },
-        match endpoint {
-            Some(e) => format!("; UDP to {e}"),
-            None => "; TCP link only".into(),
+        match (endpoint, &session_path) {
+            (Some(_), Some(_)) => "; UDP on the session's path".to_string(),
+            (Some(e), None) => format!("; UDP to {e}"),
+            (None, _) => "; TCP link only".into(),
         }
     );
-    let mut tasks = JoinSet::new();
     tasks.spawn(tunnel.clone().tun_reader());
-    if let Some(l) = &link {
-        tasks.spawn(tunnel.clone().udp_reader(l.clone()));
-    }
     tasks.spawn(control(peer.clone(), ctl_rx));
     let reader = tokio::spawn(tunnel.clone().channel_reader(
         peer.clone(),

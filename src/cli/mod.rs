@@ -134,11 +134,11 @@ pub enum Command {
         /// Route this network through the tunnel (with --vpn; repeatable).
         #[arg(long, value_name = "CIDR")]
         route: Vec<String>,
-        /// QUIC over UDP instead of TCP (chat, a command, -N).
+        /// QUIC over UDP instead of TCP (chat, a command, -N, --vpn).
         #[arg(long)]
         udp: bool,
         /// Reach the peer ID TARGET through this rendezvous/relay peer: relayed at once,
-        /// direct as soon as hole punching succeeds (chat, a command, -N).
+        /// direct as soon as hole punching succeeds (chat, a command, -N, --vpn).
         #[arg(long, value_name = "HOST:PORT")]
         relay: Option<String>,
         /// STUN server for our public address (repeatable; with --relay).
@@ -532,9 +532,6 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             command,
         } => {
             let home = open_home(&cli.home)?;
-            if (udp || relay.is_some()) && !vpn.vpn.is_empty() {
-                bail!("--udp and --relay carry chat, commands and -N for now; --vpn connects over TCP");
-            }
             if let Some(opts) = vpn.options(&route)? {
                 if !command.is_empty() || no_command {
                     bail!("--vpn runs the tunnel until interrupted: drop the command or -N");
@@ -545,6 +542,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     &peer.target,
                     peer.port.unwrap_or(DEFAULT_PORT),
                     (peer.accept_new, peer.name.unwrap_or_else(default_name), psk),
+                    transport(udp, relay, stun),
                     opts,
                 )
                 .await;

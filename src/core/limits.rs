@@ -117,6 +117,9 @@ pub const QUIC_MAX_UDP_PAYLOAD: u16 = 1400;
 /// Received QUIC packets queued for the QUIC engine; beyond this they are dropped (as a full
 /// socket buffer would).
 pub const QUIC_RECV_QUEUE: usize = 4096;
+/// Received VPN datagram records queued between the shared NAT traversal socket and the
+/// tunnel; beyond this they are dropped (as a full socket buffer would).
+pub const VPN_DATAGRAM_QUEUE: usize = 4096;
 /// STUN transactions waiting for an answer on one socket.
 pub const MAX_STUN_PENDING: usize = 64;
 /// A STUN request is retransmitted after this long ...

@@ -8,12 +8,16 @@
 //! params  = version u8 (1) | flags u8 | mtu u16 | receiver_session u32 | udp_port u16
 //!         | count u8 (1..=MAX_TUNNEL_ADDRESSES) | count × address
 //! address = family u8 (4 | 6) | ip (4 | 16 bytes) | prefix u8 (≤ 32 | ≤ 128)
-//! flags   : bit 0 = the sender can use a UDP path; other bits must be zero
+//! flags   : bit 0 = the sender can use a UDP path;
+//!           bit 1 = the session runs over QUIC, and the sender sends and receives datagram
+//!                   records on the session's own UDP socket and path (NAT traversal:
+//!                   direct or relayed, as the session); other bits must be zero
 //! ```
 //!
 //! `receiver_session` is the id the sender's datagram receiver expects in the records sent
 //! to it (core::datagram); `udp_port` is the UDP port the sender receives datagram records
-//! on (0: none, e.g. a connector that learns nothing by listening). At most one address per
+//! on (0: none, e.g. a connector that learns nothing by listening). When both sides set
+//! bit 1, records travel on the session's path and `udp_port` is not used. At most one address per
 //! family; addresses are unicast (not unspecified, loopback, multicast or link-local).
 //!
 //! # Messages on the channel's byte stream
@@ -61,6 +65,8 @@ pub const MAX_PARAMS_LEN: usize = 11 + (1 + 4 + 1) + (1 + 16 + 1);
 
 /// The sender can use a UDP path.
 pub const FLAG_UDP: u8 = 0x01;
+/// The sender carries datagram records on the session's own UDP path (QUIC sessions).
+pub const FLAG_SESSION_PATH: u8 = 0x02;
 
 const MSG_PARAMS: u8 = 1;
 const MSG_PACKET: u8 = 2;
@@ -201,6 +207,8 @@ pub struct VpnParams {
     pub mtu: u16,
     pub receiver_session: u32,
     pub udp_port: u16,
+    /// FLAG_SESSION_PATH: records on the session's own UDP path.
+    pub session_path: bool,
     pub addresses: Vec<Prefix>,
 }
 
@@ -209,7 +217,12 @@ impl VpnParams {
         let mut out = Vec::with_capacity(MAX_PARAMS_LEN);
         let mut w = Writer::new(&mut out);
         w.u8(VPN_VERSION)
-            .u8(if self.udp { FLAG_UDP } else { 0 })
+            .u8(if self.udp { FLAG_UDP } else { 0 }
+                | if self.session_path {
+                    FLAG_SESSION_PATH
+                } else {
+                    0
+                })
             .u16(self.mtu)
             .u32(self.receiver_session)
             .u16(self.udp_port)
@@ -234,7 +247,7 @@ impl VpnParams {
             return Err(VpnError::Params("unsupported version"));
         }
         let flags = r.u8()?;
-        if flags & !FLAG_UDP != 0 {
+        if flags & !(FLAG_UDP | FLAG_SESSION_PATH) != 0 {
             return Err(VpnError::Params("unknown flags"));
         }
         let mtu = r.u16()?;
@@ -269,6 +282,7 @@ impl VpnParams {
             mtu,
             receiver_session,
             udp_port,
+            session_path: flags & FLAG_SESSION_PATH != 0,
             addresses,
         })
     }
@@ -588,6 +602,7 @@ mod tests {
             mtu: DEFAULT_VPN_MTU,
             receiver_session: 0xdead_beef,
             udp_port: 22222,
+            session_path: false,
             addresses: vec![p("10.200.0.2/24"), p("fd00:200::2/64")],
         }
     }
@@ -637,6 +652,13 @@ mod tests {
         let mut long = enc.clone();
         long.push(0);
         assert!(VpnParams::decode(&long).is_err());
+        // Bit 1: records on the session's own path.
+        let mut sp = params();
+        sp.session_path = true;
+        sp.udp_port = 0;
+        let enc = sp.encode();
+        assert_eq!(enc[1], 3);
+        assert_eq!(VpnParams::decode(&enc).unwrap(), sp);
     }
 
     #[test]
@@ -647,7 +669,8 @@ mod tests {
             assert!(VpnParams::decode(&b).is_err(), "{why}");
         };
         check(&|b| b[0] = 2, "version");
-        check(&|b| b[1] = 3, "flags");
+        check(&|b| b[1] = 4, "flags");
+        check(&|b| b[1] = 0x83, "flags");
         check(&|b| b[2..4].copy_from_slice(&100u16.to_be_bytes()), "mtu");
         check(&|b| b[10] = 0, "no address");
         check(&|b| b[10] = 3, "three addresses");

@@ -1,5 +1,5 @@
-//! One UDP socket for everything: STUN, QUIC, punch probes, relay traffic and (later) VPN
-//! datagrams, demultiplexed by the first byte of each payload
+//! One UDP socket for everything: STUN, QUIC, punch probes, relay traffic and VPN
+//! datagram records, demultiplexed by the first byte of each payload
 //! ([`crate::core::rendezvous::classify`], RFC 7983 style).
 //!
 //! QUIC (quinn) runs on this socket through [`QuicSocket`], quinn's `AsyncUdpSocket`. A peer
@@ -190,7 +190,14 @@ pub struct MuxStats {
     pub unknown: AtomicU64,
     /// Datagrams of our own that arrived from a direct (non-relay) address.
     pub direct_in: AtomicU64,
+    /// DATAGRAM records handed to [`UdpMux::datagrams`]' receiver ...
+    pub datagram_in: AtomicU64,
+    /// ... and dropped because it was full.
+    pub datagram_dropped: AtomicU64,
 }
+
+/// A received payload and the address it is shown as coming from.
+pub type Received = (SocketAddr, Vec<u8>);
 
 type StunWaiters = HashMap<[u8; 12], oneshot::Sender<(SocketAddr, Vec<u8>)>>;
 
@@ -208,6 +215,8 @@ struct Inner {
     /// Last time (ms since the socket started) a packet arrived from each direct address.
     last_rx: Mutex<HashMap<SocketAddr, std::time::Instant>>,
     relay_mode: bool,
+    /// Where DATAGRAM records (first byte 0x05) go, once someone asked for them.
+    datagrams: Mutex<Option<mpsc::Sender<Received>>>,
 }
 
 /// The shared socket. Cloning shares it.
@@ -253,6 +262,7 @@ impl UdpMux {
             stats: MuxStats::default(),
             last_rx: Mutex::new(HashMap::new()),
             relay_mode,
+            datagrams: Mutex::new(None),
         });
         let id = MUX_IDS.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(recv_loop(Arc::downgrade(&inner), socket, 0, qtx, ctx, id));
@@ -302,6 +312,40 @@ impl UdpMux {
             .socket(via)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such socket"))?;
         s.send_to(payload, to).await.map(|_| ())
+    }
+
+    /// From now on, DATAGRAM records (`core::datagram`, first byte 0x05) that arrive on this
+    /// socket, directly or inside RELAY_DATA from a relay slot we know, go to the returned
+    /// receiver, at most `queue` waiting (more are dropped, as a full socket buffer would).
+    /// The sender is shown as the peer's virtual address when the record came through the
+    /// relay or from a proven alias of a peer, so replies sent with [`UdpMux::send_routed`]
+    /// follow the peer's current path. A second call replaces the first receiver.
+    pub fn datagrams(&self, queue: usize) -> mpsc::Receiver<Received> {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        *self.inner.datagrams.lock().expect("datagrams lock") = Some(tx);
+        rx
+    }
+
+    /// Sends one payload to `dest` the way QUIC packets go: a virtual address resolves to
+    /// the peer's direct path, or through its relay slot (wrapped in RELAY_DATA); any other
+    /// address is used as is. A peer without a path at the moment loses the packet (UDP).
+    pub async fn send_routed(&self, payload: &[u8], dest: SocketAddr) -> io::Result<()> {
+        let resolved = self
+            .inner
+            .routes
+            .lock()
+            .expect("routes lock")
+            .resolve(canonical(dest));
+        let Some((to, slot, via)) = resolved else {
+            return Ok(());
+        };
+        match slot {
+            None => self.send_via(payload, to, via).await,
+            Some(slot) => {
+                self.send_via(&encode_relay_data(slot, payload), to, via)
+                    .await
+            }
+        }
     }
 
     /// Extra sockets open so far.
@@ -428,11 +472,22 @@ async fn recv_loop(
                     inner.stats.quic_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            UdpKind::Datagram if !inner.relay_mode => {
+                let shown = inner
+                    .routes
+                    .lock()
+                    .expect("routes lock")
+                    .by_direct
+                    .get(&from)
+                    .copied();
+                deliver_datagram(&inner, shown.unwrap_or(from), data);
+            }
             UdpKind::RelayData if !inner.relay_mode => {
                 let Ok((slot, packet)) = decode_relay_data(data) else {
                     continue;
                 };
-                if classify(packet) != UdpKind::Quic {
+                let kind = classify(packet);
+                if kind != UdpKind::Quic && kind != UdpKind::Datagram {
                     continue;
                 }
                 let virt = {
@@ -454,6 +509,10 @@ async fn recv_loop(
                     continue;
                 };
                 inner.stats.relayed_in.fetch_add(1, Ordering::Relaxed);
+                if kind == UdpKind::Datagram {
+                    deliver_datagram(&inner, virt, packet);
+                    continue;
+                }
                 if quic
                     .try_send((present(inner.local, virt), packet.to_vec()))
                     .is_err()
@@ -478,6 +537,22 @@ async fn recv_loop(
                     debug!(mux = id, "control queue full: dropped a {kind:?} packet");
                 }
             }
+        }
+    }
+}
+
+/// Hands a DATAGRAM record to whoever asked for them ([`UdpMux::datagrams`]).
+fn deliver_datagram(inner: &Inner, shown: SocketAddr, data: &[u8]) {
+    let tx = inner.datagrams.lock().expect("datagrams lock").clone();
+    match tx {
+        Some(tx) => {
+            inner.stats.datagram_in.fetch_add(1, Ordering::Relaxed);
+            if tx.try_send((shown, data.to_vec())).is_err() {
+                inner.stats.datagram_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None => {
+            inner.stats.unknown.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

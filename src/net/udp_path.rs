@@ -3,10 +3,12 @@
 //! [`PacketPath`] is what the VPN needs from any UDP link: send a batch of records to an
 //! address. [`UdpLink`] implements it over one plain UDP socket, with quinn's socket layer
 //! (`quinn-udp`): UDP GSO sends up to 64 equal-sized records in one `sendmsg`, recvmmsg and
-//! UDP GRO receive many per system call. The NAT traversal driver (one socket demultiplexed
-//! by first byte, STUN and QUIC beside qssh records) implements the same trait and hands
-//! records whose first byte is 0x05 to the VPN's incoming-record hook
-//! (`app::vpn::Tunnel::handle_records`).
+//! UDP GRO receive many per system call. [`MuxPath`] implements it over the NAT traversal
+//! socket ([`UdpMux`]: one socket demultiplexed by first byte, STUN and QUIC beside qssh
+//! records), sending to a peer's virtual address so each record follows the session's
+//! current path (direct once punched, else through the relay); records arriving there
+//! (first byte 0x05) come out of [`UdpMux::datagrams`] and go to the VPN's incoming-record
+//! hook (`app::vpn::Tunnel::handle_records`).
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use std::future::Future;
@@ -15,6 +17,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+
+use super::udp::UdpMux;
 
 /// Socket buffer size asked for (the kernel caps it at net.core.[rw]mem_max).
 pub const UDP_SOCKET_BUFFER: usize = 8 << 20;
@@ -145,6 +149,43 @@ impl PacketPath for UdpLink {
                 self.send_chunk(dest, chunk, stride).await?;
             }
             Ok(())
+        })
+    }
+}
+
+/// Datagram records over the NAT traversal socket, on the same path as the QUIC session
+/// with the peer: `dest` is the session's peer address (virtual for peers reached through a
+/// relay), resolved per record by the socket's route table.
+pub struct MuxPath {
+    mux: UdpMux,
+}
+
+impl MuxPath {
+    pub fn new(mux: UdpMux) -> MuxPath {
+        MuxPath { mux }
+    }
+}
+
+impl PacketPath for MuxPath {
+    fn send_records<'a>(
+        &'a self,
+        dest: SocketAddr,
+        buf: &'a [u8],
+        stride: usize,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            if stride == 0 {
+                return Ok(());
+            }
+            let mut result = Ok(());
+            for rec in records(buf, stride) {
+                // One failure (e.g. an ICMP error reported on this send) must not lose the
+                // rest of the batch: report the last error after trying every record.
+                if let Err(e) = self.mux.send_routed(rec, dest).await {
+                    result = Err(e);
+                }
+            }
+            result
         })
     }
 }
