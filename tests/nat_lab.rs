@@ -9,50 +9,11 @@
 #[path = "netns_nat/mod.rs"]
 mod netns_nat;
 
-use netns_nat::{punchable, require_netns, Nat, NatLab, Proc};
+use netns_nat::{ok, peer_id, punchable, require_netns, Nat, NatLab, Proc, BIN, LINE_WAIT};
 use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_qssh");
-const RELAY_PORT: &str = "22224";
-/// Bound on any single expected line.
-const LINE_WAIT: Duration = Duration::from_secs(20);
 /// Longest punching takes before it gives up (plain punching, then birthday probing for
 /// cone ↔ symmetric: BIRTHDAY_DURATION) plus slack.
 const PUNCH_WAIT: Duration = Duration::from_secs(8);
-
-fn home(lab: &NatLab, name: &str) -> String {
-    let d = lab.dir().join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    d.to_string_lossy().into_owned()
-}
-
-fn peer_id(lab: &NatLab, home: &str) -> String {
-    let out = std::process::Command::new(BIN)
-        .env("QSSH_HOME", home)
-        .arg("id")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let _ = lab;
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-#[track_caller]
-fn ok<T>(r: Result<T, String>, p: &mut Proc) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let err = p.drain_err();
-            let out = p.drain_out();
-            panic!("{e}\nstderr of {}:\n{err}\nstdout:\n{out}", p.what)
-        }
-    }
-}
 
 /// relay + listener (side 0) + connector (side 1), connected and chatting.
 struct Pair {
@@ -65,54 +26,20 @@ struct Pair {
 
 fn start_pair(lab: &NatLab) -> Pair {
     let stun = lab.start_stun();
-    let rhome = home(lab, "relay");
-    let mut relay = lab.spawn(
-        &lab.relay_ns,
-        BIN,
-        &["relay", "--port", RELAY_PORT],
-        &[("QSSH_HOME", &rhome)],
-    );
-    ok(
-        relay.wait_err(|l| l.starts_with("relay on UDP"), LINE_WAIT),
-        &mut relay,
-    );
-    let relay_addr = format!("{}:{RELAY_PORT}", lab.relay_ip);
-    let lhome = home(lab, "lis");
-    let chome = home(lab, "con");
-    let lid = peer_id(lab, &lhome);
+    let (relay, relay_addr) = lab.start_relay();
+    let (lhome, chome) = (lab.home("lis"), lab.home("con"));
+    let lid = peer_id(&lhome);
     let stun_addr = lab.stun();
-    let mut listener = lab.spawn(
-        &lab.sides[0].host,
-        BIN,
-        &[
-            "listen",
-            "--name",
-            "lis",
-            "--relay",
-            &relay_addr,
-            "--stun",
-            &stun_addr,
-        ],
-        &[("QSSH_HOME", &lhome)],
+    let listener = lab.listen_relayed(
+        &lhome,
+        &relay_addr,
+        &["--name", "lis", "--stun", &stun_addr],
     );
-    ok(
-        listener.wait_err(|l| l.starts_with("registered at relay"), LINE_WAIT),
-        &mut listener,
-    );
-    let mut connector = lab.spawn(
-        &lab.sides[1].host,
-        BIN,
-        &[
-            "connect",
-            &lid,
-            "--relay",
-            &relay_addr,
-            "--stun",
-            &stun_addr,
-            "--name",
-            "con",
-        ],
-        &[("QSSH_HOME", &chome)],
+    let mut connector = lab.connect_relayed(
+        &chome,
+        &lid,
+        &relay_addr,
+        &["--stun", &stun_addr, "--name", "con"],
     );
     ok(
         connector.wait_err(|l| l.starts_with("connected to "), LINE_WAIT),
@@ -228,7 +155,7 @@ fn nat_netcheck_classifies_each_nat() {
     let _stun = lab.start_stun();
     let stun = lab.stun();
     for (i, side) in lab.sides.iter().enumerate() {
-        let h = home(&lab, &format!("h{i}"));
+        let h = lab.home(&format!("h{i}"));
         let (okay, out, err) = lab.output(
             &side.host,
             "env",
@@ -343,25 +270,7 @@ fn nat_recovery_path_dies_and_conntrack_flush() {
         .seen_or_wait_err(|l| l.starts_with("path: direct "), LINE_WAIT);
     ok(r, &mut p.connector);
     // Cut the direct path in the listener's router, both directions.
-    let router = lab.sides[0].router.clone().expect("router");
-    let other = lab.sides[1].wan;
-    let cut = lab.dir().join("cut.nft");
-    std::fs::write(
-        &cut,
-        format!(
-            "table ip cut {{\n chain c {{\n type filter hook forward priority -10;\n ip saddr {other} drop\n ip daddr {other} drop\n }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    netns_nat::run(&[
-        "ip",
-        "netns",
-        "exec",
-        &router,
-        "nft",
-        "-f",
-        cut.to_str().unwrap(),
-    ]);
+    lab.cut_direct_path();
     // Messages keep flowing while the path dies and the session falls back to the relay.
     let mut sent = Vec::new();
     for i in 0..5 {
@@ -386,9 +295,7 @@ fn nat_recovery_path_dies_and_conntrack_flush() {
         .wait_err(|l| l.starts_with("path: relayed via "), LINE_WAIT);
     ok(r, &mut p.connector);
     // The path comes back: punched again.
-    netns_nat::run(&[
-        "ip", "netns", "exec", &router, "nft", "delete", "table", "ip", "cut",
-    ]);
+    lab.restore_direct_path();
     let r = p
         .connector
         .wait_err(|l| l.starts_with("path: direct "), LINE_WAIT * 2);
@@ -483,8 +390,8 @@ fn nat_relay_refuses_hijack_survives_flood_and_sees_only_ciphertext() {
         chat(&mut p, &format!("{secret}-{i}"));
         std::thread::sleep(Duration::from_millis(300));
     }
-    let lid = peer_id(&lab, &lhome.to_string_lossy());
-    let chome = home(&lab, "con2");
+    let lid = peer_id(&lhome.to_string_lossy());
+    let chome = lab.home("con2");
     let (okay, out, err) = lab.output(
         &lab.sides[1].host,
         "env",
@@ -548,56 +455,20 @@ fn bench_punch() {
         for c in Nat::ALL {
             let lab = NatLab::new("b", &[l, c]);
             let _stun = lab.start_stun();
-            let rhome = home(&lab, "relay");
-            let mut relay = lab.spawn(
-                &lab.relay_ns,
-                BIN,
-                &["relay", "--port", RELAY_PORT],
-                &[("QSSH_HOME", &rhome)],
-            );
-            ok(
-                relay.wait_err(|x| x.starts_with("relay on UDP"), LINE_WAIT),
-                &mut relay,
-            );
-            let relay_addr = format!("{}:{RELAY_PORT}", lab.relay_ip);
-            let (lhome, chome) = (home(&lab, "lis"), home(&lab, "con"));
-            let lid = peer_id(&lab, &lhome);
+            let (_relay, relay_addr) = lab.start_relay();
+            let (lhome, chome) = (lab.home("lis"), lab.home("con"));
+            let lid = peer_id(&lhome);
             let stun = lab.stun();
-            let mut lis = lab.spawn(
-                &lab.sides[0].host,
-                BIN,
-                &[
-                    "listen",
-                    "--name",
-                    "lis",
-                    "--relay",
-                    &relay_addr,
-                    "--stun",
-                    &stun,
-                ],
-                &[("QSSH_HOME", &lhome)],
-            );
-            ok(
-                lis.wait_err(|x| x.starts_with("registered at relay"), LINE_WAIT),
-                &mut lis,
-            );
+            let mut lis =
+                lab.listen_relayed(&lhome, &relay_addr, &["--name", "lis", "--stun", &stun]);
             // Identity creation is not part of the measurement.
-            peer_id(&lab, &chome);
+            peer_id(&chome);
             let t0 = std::time::Instant::now();
-            let mut con = lab.spawn(
-                &lab.sides[1].host,
-                BIN,
-                &[
-                    "connect",
-                    &lid,
-                    "--relay",
-                    &relay_addr,
-                    "--stun",
-                    &stun,
-                    "--name",
-                    "con",
-                ],
-                &[("QSSH_HOME", &chome)],
+            let mut con = lab.connect_relayed(
+                &chome,
+                &lid,
+                &relay_addr,
+                &["--stun", &stun, "--name", "con"],
             );
             con.send_line("first");
             let r = lis.wait_out(|x| x.ends_with("first"), LINE_WAIT);
@@ -633,38 +504,10 @@ fn bench_punch() {
         .unwrap_or(1 << 30);
     let lab = NatLab::new("t", &[Nat::Public, Nat::PortRestricted]);
     let _stun = lab.start_stun();
-    let rhome = home(&lab, "relay");
-    let mut relay = lab.spawn(
-        &lab.relay_ns,
-        BIN,
-        &["relay", "--port", RELAY_PORT],
-        &[("QSSH_HOME", &rhome)],
-    );
-    ok(
-        relay.wait_err(|x| x.starts_with("relay on UDP"), LINE_WAIT),
-        &mut relay,
-    );
-    let relay_addr = format!("{}:{RELAY_PORT}", lab.relay_ip);
-    let (lhome, chome) = (home(&lab, "lis"), home(&lab, "con"));
-    let (lid, cid) = (peer_id(&lab, &lhome), peer_id(&lab, &chome));
-    let mut lis = lab.spawn(
-        &lab.sides[0].host,
-        BIN,
-        &[
-            "listen",
-            "--name",
-            "l",
-            "--relay",
-            &relay_addr,
-            "--allow",
-            &cid,
-        ],
-        &[("QSSH_HOME", &lhome)],
-    );
-    ok(
-        lis.wait_err(|x| x.starts_with("registered at relay"), LINE_WAIT),
-        &mut lis,
-    );
+    let (_relay, relay_addr) = lab.start_relay();
+    let (lhome, chome) = (lab.home("lis"), lab.home("con"));
+    let (lid, cid) = (peer_id(&lhome), peer_id(&chome));
+    let _lis = lab.listen_relayed(&lhome, &relay_addr, &["--name", "l", "--allow", &cid]);
     let tcp_target = format!("{lid}@{}:22222", lab.sides[0].wan);
     for (label, target) in [
         (

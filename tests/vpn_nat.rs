@@ -12,71 +12,21 @@
 #[path = "netns_nat/mod.rs"]
 mod netns_nat;
 
-use netns_nat::{require_netns, skip_or_fail, Nat, NatLab, Proc};
-use std::process::{Command, Stdio};
+use netns_nat::{ok, peer_id, require_netns_and, skip_or_fail, Nat, NatLab, Proc, LINE_WAIT};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_qssh");
-const RELAY_PORT: &str = "22224";
-/// Bound on any single expected line.
-const LINE_WAIT: Duration = Duration::from_secs(20);
 const L_ADDRS: &str = "10.200.0.1/24,fd00:200::1/64";
 const C_ADDRS: &str = "10.200.0.2/24,fd00:200::2/64";
 
 fn ready(test: &str) -> bool {
-    if !require_netns(test) {
+    if !require_netns_and(test, &[("iperf3", "--version"), ("ping", "-V")]) {
         return false;
-    }
-    for tool in ["iperf3", "ping"] {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !ok {
-            return skip_or_fail(
-                test,
-                &format!("`{tool}` is not installed (scripts/ci-deps.sh)"),
-            );
-        }
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
         return skip_or_fail(test, "/dev/net/tun is missing");
     }
     true
-}
-
-fn home(lab: &NatLab, name: &str) -> String {
-    let d = lab.dir().join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    d.to_string_lossy().into_owned()
-}
-
-fn peer_id(home: &str) -> String {
-    let out = Command::new(BIN)
-        .env("QSSH_HOME", home)
-        .arg("id")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-#[track_caller]
-fn ok<T>(r: Result<T, String>, p: &mut Proc) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let err = p.drain_err();
-            panic!("{e}\nstderr of {}:\n{err}", p.what)
-        }
-    }
 }
 
 /// STUN, relay, VPN listener on side 0 and VPN connector on side 1, both tunnels up.
@@ -90,57 +40,20 @@ struct VpnPair {
 
 fn start(lab: NatLab) -> VpnPair {
     let stun = lab.start_stun();
-    let rhome = home(&lab, "relay");
-    let mut relay = lab.spawn(
-        &lab.relay_ns,
-        BIN,
-        &["relay", "--port", RELAY_PORT],
-        &[("QSSH_HOME", &rhome)],
-    );
-    ok(
-        relay.wait_err(|l| l.starts_with("relay on UDP"), LINE_WAIT),
-        &mut relay,
-    );
-    let relay_addr = format!("{}:{RELAY_PORT}", lab.relay_ip);
+    let (relay, relay_addr) = lab.start_relay();
     let stun_addr = lab.stun();
-    let lhome = home(&lab, "lis");
-    let chome = home(&lab, "con");
-    let lid = peer_id(&lhome);
-    let cid = peer_id(&chome);
-    let mut listener = lab.spawn(
-        &lab.sides[0].host,
-        BIN,
-        &[
-            "listen",
-            "--relay",
-            &relay_addr,
-            "--stun",
-            &stun_addr,
-            "--vpn",
-            L_ADDRS,
-            "--allow",
-            &cid,
-        ],
-        &[("QSSH_HOME", &lhome)],
+    let (lhome, chome) = (lab.home("lis"), lab.home("con"));
+    let (lid, cid) = (peer_id(&lhome), peer_id(&chome));
+    let mut listener = lab.listen_relayed(
+        &lhome,
+        &relay_addr,
+        &["--stun", &stun_addr, "--vpn", L_ADDRS, "--allow", &cid],
     );
-    ok(
-        listener.wait_err(|l| l.starts_with("registered at relay"), LINE_WAIT),
-        &mut listener,
-    );
-    let mut connector = lab.spawn(
-        &lab.sides[1].host,
-        BIN,
-        &[
-            "connect",
-            &lid,
-            "--relay",
-            &relay_addr,
-            "--stun",
-            &stun_addr,
-            "--vpn",
-            C_ADDRS,
-        ],
-        &[("QSSH_HOME", &chome)],
+    let mut connector = lab.connect_relayed(
+        &chome,
+        &lid,
+        &relay_addr,
+        &["--stun", &stun_addr, "--vpn", C_ADDRS],
     );
     let up = connector.wait_err(|l| l.starts_with("vpn: interface "), LINE_WAIT);
     let up = ok(up, &mut connector);
@@ -320,25 +233,7 @@ fn vpn_nat_cone_pair_direct_fallback_ping_iperf_cleanup() {
     );
     // The direct path dies (cut in side 0's router, both directions): the session and the
     // tunnel's records fall back to the relay, and the tunnel keeps working there.
-    let router = p.lab.sides[0].router.clone().expect("router");
-    let other = p.lab.sides[1].wan;
-    let cut = p.lab.dir().join("cut.nft");
-    std::fs::write(
-        &cut,
-        format!(
-            "table ip cut {{\n chain c {{\n type filter hook forward priority -10;\n ip saddr {other} drop\n ip daddr {other} drop\n }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    netns_nat::run(&[
-        "ip",
-        "netns",
-        "exec",
-        &router,
-        "nft",
-        "-f",
-        cut.to_str().unwrap(),
-    ]);
+    p.lab.cut_direct_path();
     let r = p
         .connector
         .wait_err(|l| l.starts_with("path: relayed via "), LINE_WAIT);
@@ -346,9 +241,7 @@ fn vpn_nat_cone_pair_direct_fallback_ping_iperf_cleanup() {
     p.ping(1, "10.200.0.1");
     p.ping(0, "fd00:200::2");
     // The path comes back: punched again, the tunnel goes direct again.
-    netns_nat::run(&[
-        "ip", "netns", "exec", &router, "nft", "delete", "table", "ip", "cut",
-    ]);
+    p.lab.restore_direct_path();
     let r = p
         .connector
         .wait_err(|l| l.starts_with("path: direct "), LINE_WAIT);

@@ -79,17 +79,58 @@ pub fn punchable(a: Nat, b: Nat) -> bool {
     )
 }
 
+/// The qssh binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_qssh");
+/// The relay's UDP port in the lab (`qssh relay`'s default).
+pub const RELAY_PORT: &str = "22224";
+/// Bound on any single expected line of a lab process.
+pub const LINE_WAIT: Duration = Duration::from_secs(20);
+
+/// `r`'s value, or a panic with `r`'s error and everything `p` printed.
+#[track_caller]
+pub fn ok<T>(r: Result<T, String>, p: &mut Proc) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            let err = p.drain_err();
+            let out = p.drain_out();
+            panic!("{e}\nstderr of {}:\n{err}\nstdout:\n{out}", p.what)
+        }
+    }
+}
+
+/// The peer ID of the identity in `home` (created if missing).
+pub fn peer_id(home: &str) -> String {
+    let out = Command::new(BIN)
+        .env("QSSH_HOME", home)
+        .env_remove("QSSH_LOG")
+        .arg("id")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qssh id failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// Root and the lab tools (scripts/ci-deps.sh installs them).
 pub fn require_netns(test: &str) -> bool {
-    gate::require_root_and(
-        test,
-        &[
-            ("ip", "-V"),
-            ("nft", "--version"),
-            ("turnserver", "--version"),
-            ("conntrack", "--version"),
-        ],
-    )
+    require_netns_and(test, &[])
+}
+
+/// [`require_netns`], plus `extra` `(tool, version flag)` pairs.
+pub fn require_netns_and(test: &str, extra: &[(&str, &str)]) -> bool {
+    let mut tools = vec![
+        ("ip", "-V"),
+        ("nft", "--version"),
+        ("turnserver", "--version"),
+        ("conntrack", "--version"),
+    ];
+    tools.extend_from_slice(extra);
+    gate::require_root_and(test, &tools)
 }
 
 /// One side of the lab: the host namespace, its router (if any), its addresses.
@@ -315,6 +356,86 @@ table ip filter {{
             ]);
         }
         run(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+    }
+
+    /// A qssh state directory `name` inside the lab's scratch directory (created).
+    pub fn home(&self, name: &str) -> String {
+        let d = self.dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d.to_string_lossy().into_owned()
+    }
+
+    /// Starts `qssh relay` on the relay host; returns it (serving) and its `IP:PORT`.
+    pub fn start_relay(&self) -> (Proc, String) {
+        let home = self.home("relay");
+        let mut relay = self.spawn(
+            &self.relay_ns,
+            BIN,
+            &["relay", "--port", RELAY_PORT],
+            &[("QSSH_HOME", &home)],
+        );
+        ok(
+            relay.wait_err(|l| l.starts_with("relay on UDP"), LINE_WAIT),
+            &mut relay,
+        );
+        (relay, format!("{}:{RELAY_PORT}", self.relay_ip))
+    }
+
+    /// `qssh listen --relay RELAY ARGS...` on side 0's host, registered at the relay.
+    pub fn listen_relayed(&self, home: &str, relay: &str, args: &[&str]) -> Proc {
+        let mut all = vec!["listen", "--relay", relay];
+        all.extend_from_slice(args);
+        let mut l = self.spawn(&self.sides[0].host, BIN, &all, &[("QSSH_HOME", home)]);
+        ok(
+            l.wait_err(|x| x.starts_with("registered at relay"), LINE_WAIT),
+            &mut l,
+        );
+        l
+    }
+
+    /// `qssh connect PEER --relay RELAY ARGS...` on side 1's host (started, not waited for).
+    pub fn connect_relayed(&self, home: &str, peer: &str, relay: &str, args: &[&str]) -> Proc {
+        let mut all = vec!["connect", peer, "--relay", relay];
+        all.extend_from_slice(args);
+        self.spawn(&self.sides[1].host, BIN, &all, &[("QSSH_HOME", home)])
+    }
+
+    /// Kills the direct path between the two sides: side 0's router drops everything it
+    /// forwards to or from side 1's WAN address (the relay is unaffected).
+    pub fn cut_direct_path(&self) {
+        let router = self.sides[0]
+            .router
+            .as_deref()
+            .expect("side 0 has a router");
+        let other = self.sides[1].wan;
+        let rules = self.dir.join("cut.nft");
+        std::fs::write(
+            &rules,
+            format!(
+                "table ip cut {{\n chain c {{\n type filter hook forward priority -10;\n ip saddr {other} drop\n ip daddr {other} drop\n }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            router,
+            "nft",
+            "-f",
+            rules.to_str().unwrap(),
+        ]);
+    }
+
+    /// Undoes [`NatLab::cut_direct_path`].
+    pub fn restore_direct_path(&self) {
+        let router = self.sides[0]
+            .router
+            .as_deref()
+            .expect("side 0 has a router");
+        run(&[
+            "ip", "netns", "exec", router, "nft", "delete", "table", "ip", "cut",
+        ]);
     }
 
     /// A scratch directory of this lab (removed on drop).
