@@ -6,12 +6,15 @@
 mod common;
 #[path = "netns/mod.rs"]
 mod netns;
+#[path = "common/tmux.rs"]
+mod tmux;
 
 use common::peer_id;
-use netns::{require_netns, Lab, Proc};
-use std::path::Path;
+use netns::{require_netns, require_root_and, skip_or_fail, Lab, Proc};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tmux::Tmux;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qssh");
 const WAIT: Duration = Duration::from_secs(45);
@@ -218,4 +221,80 @@ fn probe_path() -> String {
         .join("examples/disc_probe")
         .to_string_lossy()
         .into_owned()
+}
+
+/// The example `p2p_demo` (the same CLI as `qssh`), built by `cargo test --examples` (the
+/// README test command) next to the test binaries.
+fn p2p_demo() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("examples").join("p2p_demo");
+    path.exists().then_some(path)
+}
+
+/// The seed usage, exactly as typed: `p2p_demo listen` on one host; `p2p_demo discover` on
+/// another lists it; `p2p_demo connect ADDR` in a real terminal asks the trust question
+/// (answered "yes"), then chats both ways; a second connect asks nothing (known_peers).
+#[test]
+fn seed_usage_p2p_demo_listen_discover_connect() {
+    let name = "seed_usage_p2p_demo_listen_discover_connect";
+    if !require_root_and(name, &[("ip", "-V"), ("tmux", "-V")]) {
+        return;
+    }
+    let Some(demo) = p2p_demo() else {
+        skip_or_fail(
+            name,
+            "examples/p2p_demo is not built (cargo build --example p2p_demo)",
+        );
+        return;
+    };
+    let demo = demo.to_string_lossy().into_owned();
+    let lab = Lab::new("seed", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (h0, h1) = (home(&dir, 0), home(&dir, 1));
+    let id0 = peer_id(Path::new(&h0));
+    let mut listener = lab.spawn_with(0, &demo, &["listen"], &[("QSSH_HOME", &h0)], Stdio::null());
+
+    // discover: a loaded machine can miss one 2 s window, so at most three runs.
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let out = lab
+            .command(1, &demo, &["discover"])
+            .env("QSSH_HOME", &h1)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        lines = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if lines.iter().any(|l| l.starts_with(&id0)) {
+            break;
+        }
+    }
+    assert!(lines.iter().any(|l| l.starts_with(&id0)), "{lines:?}");
+
+    // connect ADDR in a terminal: unknown peer, so the question; "yes"; chat both ways.
+    let addr = lab.hosts[0].ipv4.to_string();
+    let t = Tmux::start_in(Some(&lab.hosts[1].ns), Path::new(&h1));
+    t.line(&format!("{demo} connect {addr}"));
+    let q = t.wait_screen("the trust question", |s| s.contains("(yes/no)"));
+    assert!(q.contains(&id0), "the question names the peer ID:\n{q}");
+    t.line("yes");
+    t.wait_screen("connected", |s| s.contains("connected to "));
+    t.line("hello from the seed connector");
+    wait_for(&mut listener, "hello from the seed connector");
+    listener.send_line("hello seed connector");
+    t.wait_screen("the listener's line", |s| {
+        s.contains("hello seed connector")
+    });
+    t.keys(&["C-d"]);
+    t.wait_screen("the connector's exit", |s| s.matches("local$").count() >= 2);
+
+    // Known now: the second connect goes straight through.
+    t.line("clear");
+    t.line(&format!("{demo} connect {addr}"));
+    let s = t.wait_screen("connected again", |s| s.contains("connected to "));
+    assert!(!s.contains("(yes/no)"), "asked again:\n{s}");
+    t.keys(&["C-d"]);
 }

@@ -8,114 +8,14 @@
 //! scripts/ci-deps.sh.
 
 mod common;
+#[path = "common/tmux.rs"]
+mod tmux;
 
 use common::*;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-/// Bound of every screen wait.
-const SCREEN_WAIT: Duration = Duration::from_secs(30);
-
-/// A tmux server with one 80x24 window running a plain local bash; killed on drop.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn start(client_home: &Path) -> Tmux {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let socket = format!(
-            "qssh-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let t = Tmux { socket };
-        let shell = format!(
-            "env -u TMUX QSSH_HOME={} PS1='local$ ' bash --norc --noprofile",
-            client_home.display()
-        );
-        t.tmux(&[
-            "-f",
-            "/dev/null",
-            "new-session",
-            "-d",
-            "-s",
-            "t",
-            "-x",
-            "80",
-            "-y",
-            "24",
-            &shell,
-        ]);
-        t.wait_screen("local prompt", |s| s.contains("local$"));
-        t
-    }
-
-    fn tmux(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("tmux is installed (scripts/ci-deps.sh)");
-        assert!(
-            out.status.success(),
-            "tmux {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Types `text` literally, then Enter.
-    fn line(&self, text: &str) {
-        self.tmux(&["send-keys", "-t", "t", "-l", text]);
-        self.tmux(&["send-keys", "-t", "t", "Enter"]);
-    }
-
-    /// Sends tmux key names (Escape, C-c, ...).
-    fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", "t"];
-        args.extend_from_slice(keys);
-        self.tmux(&args);
-    }
-
-    fn screen(&self) -> String {
-        self.tmux(&["capture-pane", "-p", "-t", "t"])
-    }
-
-    /// Waits (bounded) until the screen satisfies `ok`; returns it.
-    fn wait_screen(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        wait_for(SCREEN_WAIT, || {
-            let s = self.screen();
-            ok(&s).then_some(s)
-        })
-        .unwrap_or_else(|| panic!("screen never showed {what}:\n{}", self.screen()))
-    }
-
-    /// Runs a command and waits for a unique marker it prints afterwards.
-    fn run(&self, cmd: &str, marker: &str) -> String {
-        self.line(&format!("{cmd}; echo {marker}-$((40+2))"));
-        let want = format!("{marker}-42");
-        self.wait_screen(&want, |s| s.contains(&want))
-    }
-
-    fn pane_pid(&self) -> u32 {
-        self.tmux(&["display-message", "-p", "-t", "t", "#{pane_pid}"])
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .output();
-    }
-}
+use tmux::{Tmux, SCREEN_WAIT};
 
 /// The pid of the `qssh shell` running under the pane's shell.
 fn qssh_child_of(pane_pid: u32) -> u32 {
