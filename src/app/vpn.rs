@@ -466,7 +466,7 @@ impl Tunnel {
     async fn tun_reader(self: Arc<Self>) {
         let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
         let size = usize::from(self.mtu).max(1500) + 64;
-        let mut bufs = vec![vec![0u8; size]; IDEAL_BATCH_SIZE];
+        let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; size]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut out = Vec::with_capacity(256 * 1024);
         let mut groups: Vec<(Arc<Peer>, Vec<usize>)> = Vec::new();
@@ -1311,11 +1311,11 @@ pub async fn connect(
         tunnel.set_mtu(opts.mtu)?;
     }
     let use_udp = opts.udp && theirs.udp && theirs.udp_port != 0 && c.udp.is_none();
+    let spare_link = spare.filter(|_| use_udp);
     let link: Option<Arc<dyn PacketPath>> = if let Some((_, mux)) = &session_path {
         tasks.spawn(tunnel.clone().mux_reader(mux.datagrams(VPN_DATAGRAM_QUEUE)));
         Some(Arc::new(MuxPath::new(mux.clone())))
-    } else if let Some(l) = spare.filter(|_| use_udp) {
-        tasks.spawn(tunnel.clone().udp_reader(l.clone()));
+    } else if let Some(l) = spare_link.clone() {
         Some(l)
     } else {
         None
@@ -1356,14 +1356,18 @@ pub async fn connect(
         t.default = Some(peer.clone());
         t.by_session.insert(local_session, peer.clone());
     }
-    // The data path first: packets queued in the TUN go out before anything is printed.
+    // The data path first: packets queued in the TUN go out (over the channel: the UDP path
+    // needs a round trip more) before anything else is set up or printed.
     tasks.spawn(tunnel.clone().tun_reader());
-    tasks.spawn(control(peer.clone(), ctl_rx));
     let reader = tokio::spawn(tunnel.clone().channel_reader(
         peer.clone(),
         events,
         std::mem::take(&mut early),
     ));
+    tasks.spawn(control(peer.clone(), ctl_rx));
+    if let (Some(l), None) = (&spare_link, &session_path) {
+        tasks.spawn(tunnel.clone().udp_reader(l.clone()));
+    }
     let up = format!(
         "vpn: interface {} up with {} (MTU {}), peer {} at {}{}{}\n",
         tunnel.name(),
