@@ -10,7 +10,9 @@
 # server, and boringtun-cli (`cargo install boringtun-cli`; installed here if missing).
 # Environment: QSSH (binary, default target/release/qssh, built if missing), REPS (3),
 # DURATION (5), ONLY (qssh|boringtun|ssh to run one), QSSH_ARGS (extra qssh VPN flags, both
-# sides, e.g. "--no-udp" for the TCP link or "--no-offload").
+# sides, e.g. "--no-udp" for the TCP link or "--no-offload"), FR_REPS (1: qssh's first-reply
+# time is measured this many times, a fresh connector each time, and the median is shown
+# with min and max).
 #
 # First-reply time: bench/first_reply.py, already running in the dialing namespace, starts
 # the dialing side (for boringtun and ssh -w, the commands that configure the interface,
@@ -24,6 +26,7 @@ DURATION=${DURATION:-5}
 ONLY=${ONLY:-}
 QSSH=${QSSH:-target/release/qssh}
 QSSH_ARGS=${QSSH_ARGS:-}
+FR_REPS=${FR_REPS:-1}
 
 [ "$(id -u)" -eq 0 ] || { echo "vpn.sh: needs root (network namespaces)" >&2; exit 1; }
 for t in ip iperf3 ping python3; do
@@ -107,9 +110,20 @@ bench_qssh() {
   ip netns exec "$A" "$QSSH" --home "$ha" listen --bind $UNDER_A --vpn 10.200.0.1/24 --allow "$idb" $QSSH_ARGS \
     </dev/null >"$TMP/qa.out" 2>"$TMP/qa.err" &
   for _ in $(seq 1 200); do grep -q "listening on" "$TMP/qa.err" 2>/dev/null && break; sleep 0.02; done
-  # shellcheck disable=SC2086
-  FR[qssh]=$(first_reply 10.200.0.1 "$TMP/qb.err" \
-    "$QSSH" --home "$hb" connect $UNDER_A --accept-new --vpn 10.200.0.2/24 $QSSH_ARGS)
+  local frs=() r
+  for r in $(seq 1 "$FR_REPS"); do
+    if [ "$r" -gt 1 ]; then
+      # A fresh connector each time: stop the previous one, wait for its interface to go.
+      for p in $(ip netns pids "$B" 2>/dev/null | head -n 100); do kill -TERM "$p" 2>/dev/null || true; done
+      for _ in $(seq 1 200); do ip -n "$B" -o link show type tun | grep -q . || break; sleep 0.01; done
+      sleep 0.2
+    fi
+    # shellcheck disable=SC2086
+    frs+=("$(first_reply 10.200.0.1 "$TMP/qb.err" \
+      "$QSSH" --home "$hb" connect $UNDER_A --accept-new --vpn 10.200.0.2/24 $QSSH_ARGS)")
+  done
+  FR[qssh]=$(printf '%s\n' "${frs[@]}" | sort -g | awk '{a[NR]=$1} END {printf "%s", a[int((NR+1)/2)]}')
+  [ "$FR_REPS" -gt 1 ] && echo "  # qssh first reply over $FR_REPS runs (ms): $(printf '%s\n' "${frs[@]}" | sort -g | tr '\n' ' ')"
   sleep 0.5
   RT[qssh]=$(rtt 10.200.0.1)
   TP[qssh]=$(throughput 10.200.0.1)

@@ -409,6 +409,30 @@ fn vpn_over_tcp_link_ping_iperf_copy() {
     }
 }
 
+/// `connect --udp HOST --vpn`: the session runs over QUIC on the shared UDP socket, and the
+/// tunnel's datagram records ride that same socket and path (VPN params flag bit 1) instead
+/// of the listener's separate VPN port.
+#[test]
+fn vpn_over_quic_session_rides_the_session_path() {
+    let test = "vpn_over_quic_session_rides_the_session_path";
+    if !ready(test) {
+        return;
+    }
+    let mut p = pair("vq", &[], &["--udp"]);
+    p.ping_everything();
+    p.iperf(&[]);
+    let clog = p.stop_connector();
+    assert_no_tun(&p.ns(1));
+    assert!(clog.contains("UDP on the session's path"), "{clog}");
+    let llog = wait_for(&p.llog, "left (");
+    assert!(llog.contains("(UDP on the session's path)"), "{llog}");
+    for log in [&clog, &llog] {
+        assert!(stat(log, "over UDP, ") > 1000, "{log}");
+        assert!(stat(log, "over UDP); dropped") > 100, "{log}");
+        assert_eq!(stat(log, "failed authentication"), 0, "{log}");
+    }
+}
+
 #[test]
 fn vpn_drops_forged_sources_and_replayed_datagrams() {
     let test = "vpn_drops_forged_sources_and_replayed_datagrams";

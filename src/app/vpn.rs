@@ -466,7 +466,7 @@ impl Tunnel {
     async fn tun_reader(self: Arc<Self>) {
         let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
         let size = usize::from(self.mtu).max(1500) + 64;
-        let mut bufs = vec![vec![0u8; size]; IDEAL_BATCH_SIZE];
+        let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; size]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut out = Vec::with_capacity(256 * 1024);
         let mut groups: Vec<(Arc<Peer>, Vec<usize>)> = Vec::new();
@@ -1156,33 +1156,49 @@ pub async fn connect(
     opts: VpnOptions,
 ) -> Result<i32> {
     opts.validate()?;
-    // The interface first, while nothing waits on it: a missing CAP_NET_ADMIN is reported
-    // before any connection, and its creation is off the path to the first packet. Packets
-    // routed into it before the peer answers wait in its queue.
-    let tunnel = Arc::new(Tunnel::create(&opts)?);
-    for r in &opts.routes {
-        tunnel.add_route(r)?;
-    }
-    let (accept_new, name, psk) = dial_opts;
-    let identity = super::chat::load_identity(home)?;
-    let target = match transport {
-        // A peer ID for the relay: no LAN lookup.
-        Transport::Relay { .. } => super::target::Target::parse(target, default_port)?,
-        _ => resolve_target(target, default_port, identity.peer_id()).await?,
+    // The interface is created (ioctls, and `ip` for --route) on a blocking thread while
+    // this task loads the identity, connects and runs the handshake: its setup is off the
+    // path to the first packet. A failure (no CAP_NET_ADMIN) ends the command at once with
+    // that one error, abandoning the dial. Packets routed into the interface before the
+    // peer answers wait in its queue.
+    let tun_opts = opts.clone();
+    let make_tunnel = async move {
+        tokio::task::spawn_blocking(move || -> Result<Tunnel, VpnSetupError> {
+            let t = Tunnel::create(&tun_opts)?;
+            for r in &tun_opts.routes {
+                t.add_route(r)?;
+            }
+            Ok(t)
+        })
+        .await
+        .context("TUN setup task")?
+        .map_err(anyhow::Error::from)
     };
-    let mut c = dial_with(
-        home,
-        identity,
-        DialOptions {
-            target,
-            accept_new,
-            ask: true,
-            name,
-            psk,
-        },
-        transport,
-    )
-    .await?;
+    let (accept_new, name, psk) = dial_opts;
+    let connect = async {
+        let identity = super::chat::load_identity(home)?;
+        let target = match transport {
+            // A peer ID for the relay: no LAN lookup.
+            Transport::Relay { .. } => super::target::Target::parse(target, default_port)?,
+            _ => resolve_target(target, default_port, identity.peer_id()).await?,
+        };
+        let c = dial_with(
+            home,
+            identity,
+            DialOptions {
+                target,
+                accept_new,
+                ask: true,
+                name,
+                psk,
+            },
+            transport,
+        )
+        .await?;
+        anyhow::Ok(c)
+    };
+    let (tunnel, mut c) = tokio::try_join!(make_tunnel, connect)?;
+    let tunnel = Arc::new(tunnel);
     let label = c.peer.peer_id().short();
     let listener_ip = c.addr.ip().to_canonical();
     let (router, mut incoming) = route(c.handle.clone(), c.take_events());
@@ -1205,7 +1221,28 @@ pub async fn connect(
         session_path: session_path.is_some(),
         addresses: opts.addresses.clone(),
     };
-    let channel = match router.open(ChannelKind::Vpn, &mine.encode()).await {
+    // Over TCP, the socket of a direct UDP path is bound while the channel request is in
+    // flight (the OPEN goes out first); it is dropped if the listener offers no UDP.
+    let bind_spare = async {
+        if !opts.udp || c.udp.is_some() {
+            return None;
+        }
+        let any: SocketAddr = if listener_ip.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        match UdpLink::bind(any) {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                warn!("no UDP path: cannot bind a UDP socket: {e}");
+                None
+            }
+        }
+    };
+    let params = mine.encode();
+    let (opened, spare) = tokio::join!(router.open(ChannelKind::Vpn, &params), bind_spare);
+    let channel = match opened {
         Ok(ch) => ch,
         Err(super::router::OpenError::Refused(_, why)) => {
             return Err(ConnectError::Session(CloseReason::Protocol(
@@ -1274,26 +1311,12 @@ pub async fn connect(
         tunnel.set_mtu(opts.mtu)?;
     }
     let use_udp = opts.udp && theirs.udp && theirs.udp_port != 0 && c.udp.is_none();
+    let spare_link = spare.filter(|_| use_udp);
     let link: Option<Arc<dyn PacketPath>> = if let Some((_, mux)) = &session_path {
         tasks.spawn(tunnel.clone().mux_reader(mux.datagrams(VPN_DATAGRAM_QUEUE)));
         Some(Arc::new(MuxPath::new(mux.clone())))
-    } else if use_udp {
-        let any: SocketAddr = if listener_ip.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        match UdpLink::bind(any) {
-            Ok(l) => {
-                let l = Arc::new(l);
-                tasks.spawn(tunnel.clone().udp_reader(l.clone()));
-                Some(l)
-            }
-            Err(e) => {
-                warn!("no UDP path: cannot bind a UDP socket: {e}");
-                None
-            }
-        }
+    } else if let Some(l) = spare_link.clone() {
+        Some(l)
     } else {
         None
     };
@@ -1333,8 +1356,20 @@ pub async fn connect(
         t.default = Some(peer.clone());
         t.by_session.insert(local_session, peer.clone());
     }
-    eprintln!(
-        "vpn: interface {} up with {} (MTU {}), peer {} at {}{}{}",
+    // The data path first: packets queued in the TUN go out (over the channel: the UDP path
+    // needs a round trip more) before anything else is set up or printed.
+    tasks.spawn(tunnel.clone().tun_reader());
+    let reader = tokio::spawn(tunnel.clone().channel_reader(
+        peer.clone(),
+        events,
+        std::mem::take(&mut early),
+    ));
+    tasks.spawn(control(peer.clone(), ctl_rx));
+    if let (Some(l), None) = (&spare_link, &session_path) {
+        tasks.spawn(tunnel.clone().udp_reader(l.clone()));
+    }
+    let up = format!(
+        "vpn: interface {} up with {} (MTU {}), peer {} at {}{}{}\n",
         tunnel.name(),
         join(&opts.addresses),
         opts.mtu,
@@ -1351,13 +1386,8 @@ pub async fn connect(
             (None, _) => "; TCP link only".into(),
         }
     );
-    tasks.spawn(tunnel.clone().tun_reader());
-    tasks.spawn(control(peer.clone(), ctl_rx));
-    let reader = tokio::spawn(tunnel.clone().channel_reader(
-        peer.clone(),
-        events,
-        std::mem::take(&mut early),
-    ));
+    // One write: stderr is unbuffered, and eprintln! would write each piece on its own.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), up.as_bytes());
     let forward = |inc: &Incoming| {
         let c = match inc {
             Incoming::DatagramEpoch { epoch, secret } => {
