@@ -225,6 +225,7 @@ impl MainSocket {
     fn bind(addr: SocketAddr) -> io::Result<MainSocket> {
         let std = std::net::UdpSocket::bind(addr)?;
         let state = UdpSocketState::new((&std).into())?;
+        allow_fragmentation(&std, addr.is_ipv6())?;
         // Best effort: the kernel caps both at net.core.[rw]mem_max.
         let _ = state.set_recv_buffer_size((&std).into(), UDP_SOCKET_BUFFER);
         let _ = state.set_send_buffer_size((&std).into(), UDP_SOCKET_BUFFER);
@@ -248,6 +249,23 @@ impl MainSocket {
         self.io
             .try_io(Interest::WRITABLE, || self.state.send((&self.io).into(), t))
     }
+}
+
+/// Undoes quinn-udp's "never fragment" socket options (`IP_PMTUDISC_PROBE`,
+/// `IPV6_DONTFRAG`) and goes back to the kernel's default, path MTU discovery with local
+/// fragmentation: relay control messages exceed one packet (a REGISTER carries a public key
+/// and a signature: about 1.6 KB with Falcon-512, 17 KB with SLH-DSA) and must still go out,
+/// as IP fragments. QUIC packets stay below every usual MTU (`QUIC_MAX_UDP_PAYLOAD`), so
+/// they are not fragmented in practice, as before batching.
+fn allow_fragmentation(socket: &std::net::UdpSocket, ipv6: bool) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_ip_mtu_discover(socket, sockopt::Ipv4PathMtuDiscovery::WANT)?;
+    if ipv6 {
+        sockopt::set_ipv6_mtu_discover(socket, sockopt::Ipv6PathMtuDiscovery::WANT)?;
+        nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Ipv6DontFrag, &false)
+            .map_err(io::Error::from)?;
+    }
+    Ok(())
 }
 
 struct Inner {
@@ -868,8 +886,10 @@ impl AsyncUdpSocket for QuicSocket {
         self.inner.main.state.gro_segments()
     }
 
+    /// Only what exceeds the link MTU is fragmented (see `allow_fragmentation`), and QUIC
+    /// stays below `QUIC_MAX_UDP_PAYLOAD`: MTU discovery stays on up to that bound.
     fn may_fragment(&self) -> bool {
-        self.inner.main.state.may_fragment()
+        false
     }
 }
 
