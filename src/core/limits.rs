@@ -114,6 +114,14 @@ pub const MAX_RELAY_PACKET: usize = 1500;
 /// QUIC's largest UDP payload: MTU discovery stops here, so a packet still fits a 1500-byte
 /// link with IPv6 and UDP headers after the relay adds its 9-byte header.
 pub const QUIC_MAX_UDP_PAYLOAD: u16 = 1400;
+/// QUIC flow-control window of one stream: bytes a peer may send ahead of what we have read.
+/// Bounds throughput to window / RTT (4 MiB: 40 MiB/s at 100 ms, 130 MiB/s at 30 ms), like
+/// the kernel's TCP receive buffer (`tcp_rmem`, 6 MiB at most by default) does for TCP.
+pub const QUIC_STREAM_WINDOW: u32 = 4 << 20;
+/// QUIC flow-control window of a whole connection (one session stream in use).
+pub const QUIC_CONNECTION_WINDOW: u32 = QUIC_STREAM_WINDOW;
+/// Unacknowledged bytes we buffer for sending on one QUIC connection.
+pub const QUIC_SEND_WINDOW: u64 = 8 << 20;
 /// Received QUIC packets queued for the QUIC engine; beyond this they are dropped (as a full
 /// socket buffer would).
 pub const QUIC_RECV_QUEUE: usize = 4096;
