@@ -3,7 +3,8 @@
 //! graceful close — with no I/O.
 //!
 //! Calling order, as in quinn-proto's `Connection`:
-//! 1. feed received bytes with [`Session::handle_input`] and expired timers with
+//! 1. feed received bytes with [`Session::handle_input`] (or [`Session::handle_input_mut`],
+//!    which decrypts records in place in the caller's buffer) and expired timers with
 //!    [`Session::handle_timeout`];
 //! 2. drain [`Session::poll_transmit`] to the link, [`Session::poll_event`] to the
 //!    application, and arm a timer for [`Session::poll_timeout`];
