@@ -6,7 +6,8 @@ use qssh::core::frame::{ChannelKind, CloseCode};
 use qssh::core::handshake::{HandshakeConfig, HandshakeError};
 use qssh::core::identity::{Algorithm, Identity, PeerId};
 use qssh::core::limits::{
-    CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, PQ_RATCHET_EVERY_STEPS,
+    CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_FRAME_DATA,
+    PQ_RATCHET_EVERY_STEPS,
 };
 use qssh::core::session::{record_type, CloseReason, Event, Session, SessionConfig};
 use std::sync::Arc;
@@ -439,4 +440,65 @@ fn replayed_record_is_rejected() {
         .count();
     assert_eq!(n, 1);
     assert!(matches!(closed_reason(&evs), Some(CloseReason::Ratchet(_))));
+}
+
+/// All records A has queued, as one byte string (as a link would deliver them together).
+fn a_records(p: &mut Pair) -> Vec<u8> {
+    let mut all = Vec::new();
+    while let Some(rec) = p.a.poll_transmit(p.now) {
+        all.extend_from_slice(&rec);
+    }
+    all
+}
+
+#[test]
+fn stream_data_arriving_together_is_one_event_chat_messages_stay_apart() {
+    let mut p = Pair::established();
+    let exec = p.open(ChannelKind::Exec);
+    let chat = p.open(ChannelKind::Chat);
+    let bulk: Vec<u8> = (0..3 * MAX_FRAME_DATA + 100).map(|i| i as u8).collect();
+    assert_eq!(p.a.send(p.now, exec, &bulk).unwrap(), bulk.len());
+    assert!(p.a.send_message(p.now, chat, b"one").unwrap());
+    assert!(p.a.send_message(p.now, chat, b"two").unwrap());
+    let mut input = a_records(&mut p);
+    p.b.handle_input_mut(p.now, &mut input);
+    let evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    let data: Vec<(u32, usize)> = evs
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data { ch, data } => Some((*ch, data.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(data, vec![(exec, bulk.len()), (chat, 3), (chat, 3)]);
+    let mut evs = evs;
+    assert_eq!(data_of(&mut evs, exec), bulk);
+    assert_eq!(data_of(&mut evs, chat), b"onetwo");
+}
+
+#[test]
+fn records_split_anywhere_across_inputs_are_reassembled() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    let bulk: Vec<u8> = (0..2 * MAX_FRAME_DATA + 77)
+        .map(|i| (i * 7) as u8)
+        .collect();
+    let mut got = Vec::new();
+    // Cut points before, inside and after the 4-byte length prefixes and the bodies.
+    for (round, step) in [1usize, 3, 4, 5, 4097, 16_400, 40_000]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(p.a.send(p.now, ch, &bulk).unwrap(), bulk.len());
+        let input = a_records(&mut p);
+        for chunk in input.chunks(step) {
+            p.b.handle_input_mut(p.now, &mut chunk.to_vec());
+        }
+        let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+        assert!(closed_reason(&evs).is_none(), "round {round}: {evs:?}");
+        got.extend(data_of(&mut evs, ch));
+        p.b.consumed(p.now, ch, bulk.len());
+        p.run();
+    }
+    assert_eq!(got, bulk.repeat(7));
 }

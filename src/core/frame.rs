@@ -181,6 +181,23 @@ impl<'a> Frame<'a> {
         }
     }
 
+    /// Bytes [`Frame::encode`] appends for this frame.
+    pub fn encoded_len(&self) -> usize {
+        let clip = |b: &[u8]| b.len().min(MAX_CHANNEL_PARAMS);
+        match *self {
+            Frame::Open { params, .. } => 1 + 4 + 1 + 4 + 2 + clip(params),
+            Frame::OpenOk { .. } | Frame::Window { .. } => 1 + 4 + 4,
+            Frame::OpenFail { reason, .. } | Frame::Close { reason, .. } => {
+                1 + 4 + 1 + 2 + clip(reason)
+            }
+            Frame::Data { data, .. } => Self::DATA_OVERHEAD + data.len(),
+            Frame::Eof { .. } | Frame::DatagramEpochOk { .. } => 1 + 4,
+            Frame::Ping { .. } | Frame::Pong { .. } => 1 + 8,
+            Frame::SessionClose { reason, .. } => 1 + 1 + 2 + clip(reason),
+            Frame::DatagramEpoch { .. } => 1 + 4 + 32,
+        }
+    }
+
     /// Encoded size of a DATA frame header (type, channel, length).
     pub const DATA_OVERHEAD: usize = 1 + 4 + 2;
 
@@ -298,6 +315,26 @@ mod tests {
             if let Ok(v) = Frame::decode_all(&buf[..cut]) {
                 assert!(v.len() < samples().len());
             }
+        }
+    }
+
+    #[test]
+    fn encoded_len_matches_encode() {
+        let long = vec![7u8; MAX_CHANNEL_PARAMS + 10];
+        let mut frames = samples();
+        frames.push(Frame::Close {
+            ch: 1,
+            code: CloseCode::Error,
+            reason: &long,
+        });
+        frames.push(Frame::SessionClose {
+            code: CloseCode::Error,
+            reason: &long,
+        });
+        for f in frames {
+            let mut buf = Vec::new();
+            f.encode(&mut buf);
+            assert_eq!(f.encoded_len(), buf.len(), "{f:?}");
         }
     }
 

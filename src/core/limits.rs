@@ -71,6 +71,9 @@ pub const MAX_CHANNEL_PARAMS: usize = 4096;
 pub const MAX_NAME: usize = 64;
 /// Bytes of a chat message.
 pub const MAX_CHAT_MESSAGE: usize = 8192;
+/// Largest Data event a session hands to the application: consecutive DATA frames of one
+/// stream channel (not chat) that arrive together are joined up to this many bytes.
+pub const MAX_DATA_EVENT: usize = 256 * 1024;
 /// Records a session queues for sending before the application must wait.
 pub const MAX_QUEUED_RECORDS: usize = 4096;
 

@@ -94,7 +94,7 @@
 //! The ciphertext is at most `MAX_RECORD_PLAINTEXT` bytes. The header (everything before the
 //! ciphertext) is the AEAD's AAD after the caller's `ad`.
 
-use super::codec::{DecodeError, Reader, Writer};
+use super::codec::{DecodeError, Reader};
 use super::crypto::{
     aead_open, aead_seal, hkdf_expand, hkdf_extract, hmac_sha256, mlkem_encapsulate, MlKemSecret,
     Secret32, SecureRandom, X25519Secret, MLKEM_CT_LEN, MLKEM_EK_LEN, TAG_LEN, X25519_LEN,
@@ -254,7 +254,7 @@ impl fmt::Debug for Hex4<'_> {
     }
 }
 
-/// A parsed message: header fields borrowed from the input.
+/// A parsed message header: fields borrowed from the input's header part.
 struct Parsed<'a> {
     dh: [u8; 32],
     pn: u32,
@@ -262,48 +262,61 @@ struct Parsed<'a> {
     ek: Option<&'a [u8]>,
     ct: Option<&'a [u8]>,
     header: &'a [u8],
-    body: &'a [u8],
 }
 
-fn parse(msg: &[u8]) -> Result<Parsed<'_>, DecodeError> {
-    let mut r = Reader::new(msg);
-    let dh = r.array::<X25519_LEN>()?;
-    let pn = r.u32()?;
-    let n = r.u32()?;
-    let flags = r.u8()?;
-    if flags & !(FLAG_KEM_EK | FLAG_KEM_CT) != 0 {
-        return Err(DecodeError::Invalid("ratchet header flags"));
-    }
-    if n == u32::MAX {
-        return Err(DecodeError::Invalid("ratchet message number"));
-    }
-    let ek = match flags & FLAG_KEM_EK {
-        0 => None,
-        _ => Some(r.take(MLKEM_EK_LEN)?),
+/// Parses and bounds-checks `msg`; returns its header and, separately, the mutable
+/// `ciphertext || tag` part (decrypted in place later).
+fn parse(msg: &mut [u8]) -> Result<(Parsed<'_>, &mut [u8]), DecodeError> {
+    let (dh, pn, n, flags, header_len) = {
+        let mut r = Reader::new(msg);
+        let dh = r.array::<X25519_LEN>()?;
+        let pn = r.u32()?;
+        let n = r.u32()?;
+        let flags = r.u8()?;
+        if flags & !(FLAG_KEM_EK | FLAG_KEM_CT) != 0 {
+            return Err(DecodeError::Invalid("ratchet header flags"));
+        }
+        if n == u32::MAX {
+            return Err(DecodeError::Invalid("ratchet message number"));
+        }
+        if flags & FLAG_KEM_EK != 0 {
+            r.take(MLKEM_EK_LEN)?;
+        }
+        if flags & FLAG_KEM_CT != 0 {
+            r.take(MLKEM_CT_LEN)?;
+        }
+        let body = r.rest().len();
+        if body < TAG_LEN {
+            return Err(DecodeError::Truncated);
+        }
+        if body - TAG_LEN > MAX_RECORD_PLAINTEXT {
+            return Err(DecodeError::TooLong(body - TAG_LEN, MAX_RECORD_PLAINTEXT));
+        }
+        (dh, pn, n, flags, msg.len() - body)
     };
-    let ct = match flags & FLAG_KEM_CT {
-        0 => None,
-        _ => Some(r.take(MLKEM_CT_LEN)?),
+    let (header, body) = msg.split_at_mut(header_len);
+    let header: &[u8] = header;
+    let mut kem = &header[HEADER_LEN..];
+    let mut field = |present: bool, len: usize| {
+        present.then(|| {
+            let (f, rest) = kem.split_at(len);
+            kem = rest;
+            f
+        })
     };
-    let body = r.rest();
-    if body.len() < TAG_LEN {
-        return Err(DecodeError::Truncated);
-    }
-    if body.len() - TAG_LEN > MAX_RECORD_PLAINTEXT {
-        return Err(DecodeError::TooLong(
-            body.len() - TAG_LEN,
-            MAX_RECORD_PLAINTEXT,
-        ));
-    }
-    Ok(Parsed {
-        dh,
-        pn,
-        n,
-        ek,
-        ct,
-        header: &msg[..msg.len() - body.len()],
+    let ek = field(flags & FLAG_KEM_EK != 0, MLKEM_EK_LEN);
+    let ct = field(flags & FLAG_KEM_CT != 0, MLKEM_CT_LEN);
+    Ok((
+        Parsed {
+            dh,
+            pn,
+            n,
+            ek,
+            ct,
+            header,
+        },
         body,
-    })
+    ))
 }
 
 /// `KDF_RK`: returns (new root key, new chain key).
@@ -339,12 +352,15 @@ fn aad(ad: &[u8], header: &[u8]) -> Vec<u8> {
     aad
 }
 
-fn decrypt(mk: &Secret32, ad: &[u8], m: &Parsed<'_>) -> Result<Vec<u8>, RatchetError> {
-    let mut buf = m.body.to_vec();
-    let len =
-        aead_open(mk, &nonce(m.n), &aad(ad, m.header), &mut buf).map_err(|_| RatchetError::Auth)?;
-    buf.truncate(len);
-    Ok(buf)
+/// Decrypts `ciphertext || tag` in place; returns the plaintext length. On failure `body` is
+/// unchanged (the tag is verified before anything is decrypted).
+fn decrypt(
+    mk: &Secret32,
+    ad: &[u8],
+    m: &Parsed<'_>,
+    body: &mut [u8],
+) -> Result<usize, RatchetError> {
+    aead_open(mk, &nonce(m.n), &aad(ad, m.header), body).map_err(|_| RatchetError::Auth)
 }
 
 /// Advances a copy of `ck` from message `from` to `to`, collecting the skipped keys, and
@@ -473,8 +489,33 @@ impl Ratchet {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) {
+        let head = out.len();
+        out.reserve(HEADER_LEN + plaintext.len() + TAG_LEN);
+        out.resize(head + HEADER_LEN, 0);
+        out.extend_from_slice(plaintext);
+        self.seal_in_place(now, rng, ad, out, head);
+    }
+
+    /// [`Ratchet::seal`] without copying the plaintext: `buf[head..head + HEADER_LEN]` is
+    /// room reserved for the header and the plaintext is `buf[head + HEADER_LEN..]`.
+    /// Afterwards `buf[head..]` is the message exactly as `seal` makes it (the header is
+    /// written into the reserved room; KEM fields, when the chain carries them, are inserted
+    /// after it, moving the plaintext once). Same panics as `seal`, and if `buf` is shorter
+    /// than `head + HEADER_LEN`.
+    pub fn seal_in_place(
+        &mut self,
+        now: Instant,
+        rng: &mut dyn SecureRandom,
+        ad: &[u8],
+        buf: &mut Vec<u8>,
+        head: usize,
+    ) {
         assert!(
-            plaintext.len() <= MAX_RECORD_PLAINTEXT,
+            buf.len() >= head + HEADER_LEN,
+            "no room reserved for the ratchet header"
+        );
+        assert!(
+            buf.len() - head - HEADER_LEN <= MAX_RECORD_PLAINTEXT,
             "ratchet plaintext longer than MAX_RECORD_PLAINTEXT"
         );
         if self.unanswered_since.is_some() && self.step_allowed(now) {
@@ -482,22 +523,23 @@ impl Ratchet {
         }
         let n = self.send.n;
         assert!(n < u32::MAX, "ratchet sending chain exhausted");
-        let start = out.len();
         let flags = self.send.ek.as_ref().map_or(0, |_| FLAG_KEM_EK)
             | self.send.ct.as_ref().map_or(0, |_| FLAG_KEM_CT);
-        let mut w = Writer::new(out);
-        w.bytes(&self.own_pub).u32(self.send.pn).u32(n).u8(flags);
-        if let Some(ek) = &self.send.ek {
-            w.bytes(ek);
+        let fixed = &mut buf[head..head + HEADER_LEN];
+        fixed[..X25519_LEN].copy_from_slice(&self.own_pub);
+        fixed[X25519_LEN..X25519_LEN + 4].copy_from_slice(&self.send.pn.to_be_bytes());
+        fixed[X25519_LEN + 4..X25519_LEN + 8].copy_from_slice(&n.to_be_bytes());
+        fixed[X25519_LEN + 8] = flags;
+        let ek = self.send.ek.as_deref().unwrap_or_default();
+        let ct = self.send.ct.as_deref().unwrap_or_default();
+        let at = head + HEADER_LEN;
+        if !ek.is_empty() || !ct.is_empty() {
+            buf.splice(at..at, ek.iter().chain(ct).copied());
         }
-        if let Some(ct) = &self.send.ct {
-            w.bytes(ct);
-        }
-        let body = out.len();
-        let aad = aad(ad, &out[start..body]);
-        out.extend_from_slice(plaintext);
+        let body = at + ek.len() + ct.len();
+        let aad = aad(ad, &buf[head..body]);
         let (mk, next) = kdf_ck(&self.send.ck);
-        aead_seal(&mk, &nonce(n), &aad, out, body);
+        aead_seal(&mk, &nonce(n), &aad, buf, body);
         self.send.ck = next;
         self.send.n = n + 1;
         self.recv_since_send = 0;
@@ -513,23 +555,46 @@ impl Ratchet {
         ad: &[u8],
         msg: &[u8],
     ) -> Result<Vec<u8>, RatchetError> {
-        let m = parse(msg)?;
-        if let Some(i) = self.skipped.iter().position(|k| k.dh == m.dh && k.n == m.n) {
-            let pt = decrypt(&self.skipped[i].mk, ad, &m)?;
-            self.skipped.remove(i);
-            self.received();
-            return Ok(pt);
-        }
-        if m.dh == self.recv.dh {
-            return self.open_current(ad, &m);
-        }
-        if self.old_chains.contains(&m.dh) {
-            return Err(RatchetError::Replay);
-        }
-        self.open_new_chain(now, rng, ad, &m)
+        let mut buf = msg.to_vec();
+        let pt = self.open_in_place(now, rng, ad, &mut buf)?;
+        buf.truncate(pt.end);
+        buf.drain(..pt.start);
+        Ok(buf)
     }
 
-    fn open_current(&mut self, ad: &[u8], m: &Parsed<'_>) -> Result<Vec<u8>, RatchetError> {
+    /// [`Ratchet::open`] in place: decrypts the ciphertext inside `msg` and returns the range
+    /// of `msg` that holds the plaintext. The ratchet state is unchanged on any error, and so
+    /// is `msg` (the tag is verified before anything is decrypted).
+    pub fn open_in_place(
+        &mut self,
+        now: Instant,
+        rng: &mut dyn SecureRandom,
+        ad: &[u8],
+        msg: &mut [u8],
+    ) -> Result<std::ops::Range<usize>, RatchetError> {
+        let (m, body) = parse(msg)?;
+        let start = m.header.len();
+        let len = if let Some(i) = self.skipped.iter().position(|k| k.dh == m.dh && k.n == m.n) {
+            let len = decrypt(&self.skipped[i].mk, ad, &m, body)?;
+            self.skipped.remove(i);
+            self.received();
+            len
+        } else if m.dh == self.recv.dh {
+            self.open_current(ad, &m, body)?
+        } else if self.old_chains.contains(&m.dh) {
+            return Err(RatchetError::Replay);
+        } else {
+            self.open_new_chain(now, rng, ad, &m, body)?
+        };
+        Ok(start..start + len)
+    }
+
+    fn open_current(
+        &mut self,
+        ad: &[u8],
+        m: &Parsed<'_>,
+        body: &mut [u8],
+    ) -> Result<usize, RatchetError> {
         if m.n < self.recv.n {
             return Err(RatchetError::Replay);
         }
@@ -539,12 +604,12 @@ impl Ratchet {
         let mut skipped = Vec::new();
         let ck = skip_keys(&m.dh, &self.recv.ck, self.recv.n, m.n, &mut skipped);
         let (mk, next) = kdf_ck(&ck);
-        let pt = decrypt(&mk, ad, m)?;
+        let len = decrypt(&mk, ad, m, body)?;
         self.recv.ck = next;
         self.recv.n = m.n + 1;
         self.store_skipped(skipped);
         self.received();
-        Ok(pt)
+        Ok(len)
     }
 
     fn open_new_chain(
@@ -553,7 +618,8 @@ impl Ratchet {
         rng: &mut dyn SecureRandom,
         ad: &[u8],
         m: &Parsed<'_>,
-    ) -> Result<Vec<u8>, RatchetError> {
+        body: &mut [u8],
+    ) -> Result<usize, RatchetError> {
         if self.unanswered_since.is_some() {
             return Err(RatchetError::UnexpectedKey);
         }
@@ -577,7 +643,7 @@ impl Ratchet {
         let mut new_chain_skipped = Vec::new();
         let ck = skip_keys(&m.dh, &ck, 0, m.n, &mut new_chain_skipped);
         let (mk, next) = kdf_ck(&ck);
-        let pt = decrypt(&mk, ad, m)?;
+        let len = decrypt(&mk, ad, m, body)?;
         // Authenticated: only now spend the work on the rest of the chain being left.
         let mut skipped = Vec::new();
         skip_keys(
@@ -613,7 +679,7 @@ impl Ratchet {
         }
         self.stats.peer_dh_steps += 1;
         self.received();
-        Ok(pt)
+        Ok(len)
     }
 
     fn store_skipped(&mut self, keys: Vec<SkippedKey>) {
@@ -739,6 +805,7 @@ impl Ratchet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::codec::Writer;
     use crate::core::crypto::DeterministicRandom;
     use proptest::prelude::*;
     use std::time::Duration;
@@ -865,6 +932,56 @@ mod tests {
         let m = w.seal(false, &big);
         assert_eq!(m.len(), HEADER_LEN + MAX_RECORD_PLAINTEXT + TAG_LEN);
         assert_eq!(w.open(true, &m).unwrap(), big);
+    }
+
+    #[test]
+    fn in_place_seal_and_open_match_the_copying_calls() {
+        // Same seed, same operations: `copy` uses seal/open, `inplace` the in-place calls,
+        // over enough direction changes for chains that carry KEM fields.
+        let (mut copy, mut inplace) = (World::new(41), World::new(41));
+        let mut kem_chains = 0;
+        for round in 0..2 * u64::from(PQ_RATCHET_EVERY_STEPS) + 2 {
+            for from_a in [true, false] {
+                copy.advance(ms(25));
+                inplace.advance(ms(25));
+                let pt = format!("round {round}");
+                let sealed = copy.seal(from_a, pt.as_bytes());
+                kem_chains += usize::from(flags_of(&sealed) != 0);
+                let mut buf = b"prefix".to_vec();
+                buf.resize(6 + HEADER_LEN, 0);
+                buf.extend_from_slice(pt.as_bytes());
+                let now = inplace.now;
+                let r = if from_a {
+                    &mut inplace.a
+                } else {
+                    &mut inplace.b
+                };
+                r.seal_in_place(now, &mut inplace.rng, AD, &mut buf, 6);
+                assert_eq!(&buf[..6], b"prefix");
+                assert_eq!(&buf[6..], &sealed[..]);
+
+                let mut bad = sealed.clone();
+                *bad.last_mut().unwrap() ^= 1;
+                assert_eq!(copy.open(!from_a, &bad), Err(RatchetError::Auth));
+                let r = if from_a {
+                    &mut inplace.b
+                } else {
+                    &mut inplace.a
+                };
+                let before = (r.snapshot(), bad.clone());
+                let res = r.open_in_place(now, &mut inplace.rng, AD, &mut bad);
+                assert_eq!(res, Err(RatchetError::Auth));
+                assert_eq!((r.snapshot(), bad), before, "failed open changed something");
+
+                assert_eq!(copy.open(!from_a, &sealed).unwrap(), pt.as_bytes());
+                let mut msg = sealed.clone();
+                let range = r
+                    .open_in_place(now, &mut inplace.rng, AD, &mut msg)
+                    .unwrap();
+                assert_eq!(&msg[range], pt.as_bytes());
+            }
+        }
+        assert!(kem_chains > 0, "no chain carried KEM fields");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! graceful close — with no I/O.
 //!
 //! Calling order, as in quinn-proto's `Connection`:
-//! 1. feed received bytes with [`Session::handle_input`] and expired timers with
+//! 1. feed received bytes with [`Session::handle_input`] (or [`Session::handle_input_mut`],
+//!    which decrypts records in place in the caller's buffer) and expired timers with
 //!    [`Session::handle_timeout`];
 //! 2. drain [`Session::poll_transmit`] to the link, [`Session::poll_event`] to the
 //!    application, and arm a timer for [`Session::poll_timeout`];
@@ -15,6 +16,7 @@
 
 use super::codec::{DecodeError, Reader, Writer};
 use super::crypto::SecureRandom;
+use super::crypto::TAG_LEN;
 use super::frame::{ChannelKind, CloseCode, Frame};
 use super::handshake::{
     self, HandshakeConfig, HandshakeError, InitiatorSent, InitiatorVerified, ResponderSent,
@@ -22,9 +24,10 @@ use super::handshake::{
 use super::identity::{PeerId, PublicIdentity};
 use super::limits::{
     CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_CHANNELS,
-    MAX_CHANNEL_PARAMS, MAX_FRAME_DATA, MAX_QUEUED_RECORDS, MAX_RECORD_BODY, MAX_RECORD_PLAINTEXT,
+    MAX_CHANNEL_PARAMS, MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_QUEUED_RECORDS, MAX_RECORD_BODY,
+    MAX_RECORD_PLAINTEXT,
 };
-use super::ratchet::{Ratchet, RatchetError, RatchetInit};
+use super::ratchet::{Ratchet, RatchetError, RatchetInit, HEADER_LEN};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::time::Instant;
@@ -44,6 +47,12 @@ pub mod record_type {
 
 /// Longest reason accepted in an ALERT.
 pub const MAX_ALERT_REASON: usize = 256;
+
+/// Stream record prefix: `len u32 | type u8`.
+const RECORD_HEAD: usize = 5;
+/// Room in front of the frames of the record being built: its record prefix and the ratchet
+/// header, both written when it is sealed (in place, so the frames are never copied again).
+const PENDING_HEAD: usize = RECORD_HEAD + HEADER_LEN;
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -229,8 +238,15 @@ pub struct Session {
     expected_peer: Option<PeerId>,
     inbuf: Vec<u8>,
     transmit: VecDeque<Vec<u8>>,
-    /// Frames waiting to be sealed into the next record.
+    /// The next record: empty, or `PENDING_HEAD` bytes of room followed by the frames
+    /// waiting to be sealed (at most `MAX_RECORD_PLAINTEXT` bytes of them).
     pending: Vec<u8>,
+    /// Frames answering the peer (pong, close acknowledgements, refusals), queued after the
+    /// record that caused them has been handled.
+    replies: Vec<Frame<'static>>,
+    /// Bytes of input from the record being handled to the end of the current input: the
+    /// most DATA a Data event can still gather in this call (its first allocation).
+    input_left: usize,
     events: VecDeque<Event>,
     created: Instant,
     last_received: Instant,
@@ -297,6 +313,8 @@ impl Session {
             inbuf: Vec::new(),
             transmit: VecDeque::new(),
             pending: Vec::new(),
+            replies: Vec::new(),
+            input_left: 0,
             events: VecDeque::new(),
             created: now,
             last_received: now,
@@ -349,38 +367,86 @@ impl Session {
 
     /// Feeds bytes received from the link.
     pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        let mut data = data.to_vec();
+        self.handle_input_mut(now, &mut data);
+    }
+
+    /// Feeds bytes received from the link, decrypting complete records in place inside
+    /// `data` (whose contents are unspecified afterwards); only an incomplete record at the
+    /// end is copied, to be completed by the next call.
+    pub fn handle_input_mut(&mut self, now: Instant, data: &mut [u8]) {
         if self.is_closed() {
             return;
         }
         self.last_received = now;
         self.stats.bytes_received += data.len() as u64;
-        self.inbuf.extend_from_slice(data);
+        let mut rest = data;
+        // First complete the record a previous call left unfinished.
+        while !self.inbuf.is_empty() && !rest.is_empty() && !self.is_closed() {
+            let want = if self.inbuf.len() < 4 {
+                4
+            } else {
+                let prefix: [u8; 4] = self.inbuf[..4].try_into().expect("4 bytes");
+                match self.record_len(now, &prefix) {
+                    Some(len) => 4 + len,
+                    None => break,
+                }
+            };
+            let (take, more) = rest.split_at_mut((want - self.inbuf.len()).min(rest.len()));
+            self.inbuf.extend_from_slice(take);
+            rest = more;
+            if want > 4 && self.inbuf.len() == want {
+                let mut rec = std::mem::take(&mut self.inbuf);
+                self.input_left = rec.len() + rest.len();
+                self.handle_records(now, &mut rec);
+                rec.clear();
+                self.inbuf = rec;
+            }
+        }
+        if self.inbuf.is_empty() {
+            let used = self.handle_records(now, rest);
+            if !self.is_closed() {
+                self.inbuf.extend_from_slice(&rest[used..]);
+            }
+        }
+        self.flush(now);
+    }
+
+    /// The length of the record whose prefix is `prefix`, or None (and the session closed) if
+    /// it is out of range: an oversized prefix ends the session before its body is read.
+    fn record_len(&mut self, now: Instant, prefix: &[u8]) -> Option<usize> {
+        let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
+        if len == 0 || len > 1 + MAX_RECORD_BODY {
+            self.fail(
+                now,
+                CloseReason::Protocol(format!("record length {len} out of range")),
+            );
+            return None;
+        }
+        Some(len)
+    }
+
+    /// Handles the complete records at the start of `buf` in place; returns the bytes used.
+    fn handle_records(&mut self, now: Instant, buf: &mut [u8]) -> usize {
         let mut off = 0;
-        while !self.is_closed() {
-            let avail = &self.inbuf[off..];
-            if avail.len() < 4 {
+        while !self.is_closed() && buf.len() - off >= 4 {
+            let Some(len) = self.record_len(now, &buf[off..off + 4]) else {
+                break;
+            };
+            if buf.len() - off < 4 + len {
                 break;
             }
-            let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
-            if len == 0 || len > 1 + MAX_RECORD_BODY {
-                self.fail(
-                    now,
-                    CloseReason::Protocol(format!("record length {len} out of range")),
-                );
-                break;
-            }
-            if avail.len() < 4 + len {
-                break;
-            }
-            let rec = avail[4..4 + len].to_vec();
+            self.input_left = buf.len() - off;
+            let (ty, body) = buf[off + 4..off + 4 + len]
+                .split_first_mut()
+                .expect("len >= 1");
             off += 4 + len;
             self.stats.records_received += 1;
-            if let Err(reason) = self.handle_record(now, rec[0], &rec[1..]) {
+            if let Err(reason) = self.handle_record(now, *ty, body) {
                 self.fail(now, reason);
             }
         }
-        self.inbuf.drain(..off.min(self.inbuf.len()));
-        self.flush(now);
+        off
     }
 
     /// The link reached end of stream.
@@ -412,6 +478,7 @@ impl Session {
         }
         self.state = State::Closed;
         self.pending.clear();
+        self.replies.clear();
         self.events.push_back(Event::Closed { reason });
     }
 
@@ -428,7 +495,7 @@ impl Session {
         CloseReason::Handshake(e)
     }
 
-    fn handle_record(&mut self, now: Instant, ty: u8, body: &[u8]) -> Result<(), CloseReason> {
+    fn handle_record(&mut self, now: Instant, ty: u8, body: &mut [u8]) -> Result<(), CloseReason> {
         let state = std::mem::replace(&mut self.state, State::Closed);
         match (state, ty) {
             (State::AwaitInit(cfg), record_type::INIT) => {
@@ -470,6 +537,9 @@ impl Session {
                 let res = self.handle_ratchet(now, &mut e, body);
                 self.state = State::Established(e);
                 res?;
+                for frame in std::mem::take(&mut self.replies) {
+                    self.queue_frame(now, frame);
+                }
                 self.maybe_close_after_peer(now);
             }
             (state, ty) => {
@@ -550,11 +620,11 @@ impl Session {
         &mut self,
         now: Instant,
         e: &mut Established,
-        body: &[u8],
+        body: &mut [u8],
     ) -> Result<(), CloseReason> {
         let sid = e.session_id;
-        let plain = e.ratchet.open(now, &mut *self.rng, &sid, body)?;
-        for frame in Frame::decode_all(&plain)? {
+        let plain = e.ratchet.open_in_place(now, &mut *self.rng, &sid, body)?;
+        for frame in Frame::decode_all(&body[plain])? {
             self.handle_frame(now, e, frame)?;
         }
         Ok(())
@@ -587,24 +657,23 @@ impl Session {
                 if e.channels.contains_key(&ch) {
                     return Err(CloseReason::Protocol(format!("channel {ch} opened twice")));
                 }
-                let refuse = |code, why: &str, f: &mut Vec<u8>| {
-                    Frame::OpenFail {
+                let refuse = |code, why: &'static str, replies: &mut Vec<Frame<'static>>| {
+                    replies.push(Frame::OpenFail {
                         ch,
                         code,
                         reason: why.as_bytes(),
-                    }
-                    .encode(f)
+                    })
                 };
                 let Some(kind) = ChannelKind::from_u8(kind) else {
                     refuse(
                         CloseCode::Unsupported,
                         "unknown channel type",
-                        &mut self.pending,
+                        &mut self.replies,
                     );
                     return Ok(());
                 };
                 if e.channels.len() >= MAX_CHANNELS {
-                    refuse(CloseCode::Limit, "too many channels", &mut self.pending);
+                    refuse(CloseCode::Limit, "too many channels", &mut self.replies);
                     return Ok(());
                 }
                 e.channels.insert(
@@ -666,10 +735,27 @@ impl Session {
                 c.recv_window -= data.len() as u64;
                 c.unacked += data.len() as u64;
                 if !c.closing {
-                    self.events.push_back(Event::Data {
-                        ch,
-                        data: data.to_vec(),
-                    });
+                    // Stream channels: consecutive DATA of one channel become one event (fewer
+                    // hand-offs downstream). A chat message stays one event.
+                    let join = c.kind != ChannelKind::Chat;
+                    match self.events.back_mut() {
+                        Some(Event::Data {
+                            ch: last,
+                            data: buf,
+                        }) if join && *last == ch && buf.len() + data.len() <= MAX_DATA_EVENT => {
+                            buf.extend_from_slice(data)
+                        }
+                        _ => {
+                            let cap = if join {
+                                self.input_left.min(MAX_DATA_EVENT).max(data.len())
+                            } else {
+                                data.len()
+                            };
+                            let mut buf = Vec::with_capacity(cap);
+                            buf.extend_from_slice(data);
+                            self.events.push_back(Event::Data { ch, data: buf });
+                        }
+                    }
                 }
             }
             Frame::Window { ch, increment } => {
@@ -695,12 +781,11 @@ impl Session {
                 let c = e.channels.remove(&ch).ok_or_else(|| no_chan(ch))?;
                 if !c.closing {
                     // Acknowledge so the peer can free the id.
-                    Frame::Close {
+                    self.replies.push(Frame::Close {
                         ch,
                         code: CloseCode::Normal,
                         reason: b"",
-                    }
-                    .encode(&mut self.pending);
+                    });
                     self.events.push_back(Event::ChannelClosed {
                         ch,
                         code,
@@ -708,7 +793,7 @@ impl Session {
                     });
                 }
             }
-            Frame::Ping { opaque } => Frame::Pong { opaque }.encode(&mut self.pending),
+            Frame::Ping { opaque } => self.replies.push(Frame::Pong { opaque }),
             Frame::Pong { opaque } => {
                 if let Some((id, at)) = e.ping {
                     if id == opaque {
@@ -723,11 +808,10 @@ impl Session {
                 if !e.close_sent {
                     // Acknowledge: everything we queued before is delivered before this.
                     e.close_sent = true;
-                    Frame::SessionClose {
+                    self.replies.push(Frame::SessionClose {
                         code: CloseCode::Normal,
                         reason: b"",
-                    }
-                    .encode(&mut self.pending);
+                    });
                     let why = text(reason);
                     let reason = if code == CloseCode::Normal || code == CloseCode::Shutdown {
                         CloseReason::PeerClosed(if why.is_empty() { "bye".into() } else { why })
@@ -1004,11 +1088,13 @@ impl Session {
         match &mut self.state {
             State::Established(e) if !e.close_sent => {
                 e.close_sent = true;
-                Frame::SessionClose {
-                    code,
-                    reason: reason.as_bytes(),
-                }
-                .encode(&mut self.pending);
+                self.queue_frame(
+                    now,
+                    Frame::SessionClose {
+                        code,
+                        reason: reason.as_bytes(),
+                    },
+                );
                 self.flush(now);
             }
             State::Established(_) | State::Closed => {}
@@ -1022,17 +1108,21 @@ impl Session {
     }
 
     fn queue_frame(&mut self, now: Instant, frame: Frame<'_>) {
-        let before = self.pending.len();
-        frame.encode(&mut self.pending);
-        if self.pending.len() > MAX_RECORD_PLAINTEXT {
-            // Seal what was there, keep the new frame for the next record.
-            let tail = self.pending.split_off(before);
+        let len = frame.encoded_len();
+        if !self.pending.is_empty()
+            && self.pending.len() - PENDING_HEAD + len > MAX_RECORD_PLAINTEXT
+        {
+            // Seal what is there; the frame starts the next record.
             self.flush(now);
-            self.pending = tail;
         }
+        if self.pending.is_empty() {
+            self.pending.reserve_exact(PENDING_HEAD + len + TAG_LEN);
+            self.pending.resize(PENDING_HEAD, 0);
+        }
+        frame.encode(&mut self.pending);
     }
 
-    /// Seals pending frames into a record.
+    /// Seals pending frames into a record, in place.
     fn flush(&mut self, now: Instant) {
         let State::Established(e) = &mut self.state else {
             self.pending.clear();
@@ -1042,12 +1132,17 @@ impl Session {
         if self.pending.is_empty() && !wants_ack {
             return;
         }
-        let mut body = Vec::with_capacity(self.pending.len() + 64);
+        let mut rec = std::mem::take(&mut self.pending);
+        if rec.is_empty() {
+            rec.resize(PENDING_HEAD, 0);
+        }
         let sid = e.session_id;
         e.ratchet
-            .seal(now, &mut *self.rng, &sid, &self.pending, &mut body);
-        self.pending.clear();
-        push_record(&mut self.transmit, record_type::RATCHET, &body);
+            .seal_in_place(now, &mut *self.rng, &sid, &mut rec, RECORD_HEAD);
+        let len = (rec.len() - 4) as u32;
+        rec[..4].copy_from_slice(&len.to_be_bytes());
+        rec[4] = record_type::RATCHET;
+        self.transmit.push_back(rec);
     }
 
     fn maybe_close_after_peer(&mut self, now: Instant) {

@@ -13,6 +13,7 @@ use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::ratchet::RatchetStats;
 use crate::core::session::{Event, Session, SessionError, SessionStats};
 use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,8 +24,11 @@ use tracing::{debug, trace};
 
 /// Bytes queued to the socket writer before the driver stops taking application data.
 pub const WRITE_HIGH_WATER: usize = 4 << 20;
-/// Read buffer size.
-const READ_CHUNK: usize = 64 * 1024;
+/// Read buffer size: every complete record in it is handled before the next read.
+const READ_CHUNK: usize = 256 * 1024;
+/// Buffers handed to one vectored write at most (each a sealed record of at most
+/// `MAX_RECORD_PLAINTEXT` plus overhead).
+const MAX_WRITE_SLICES: usize = 64;
 
 /// What the application asks the driver to do with its session.
 enum Command {
@@ -184,19 +188,25 @@ async fn drive<R, W>(
 {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(Notify::new());
-    let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // Batches of sealed records, one batch per turn of the driver loop.
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<Vec<u8>>>();
     let writer = {
         let in_flight = in_flight.clone();
         let drained = drained.clone();
         tokio::spawn(async move {
-            while let Some(buf) = wrx.recv().await {
-                let n = buf.len();
-                if let Err(e) = wr.write_all(&buf).await {
+            let mut batches = Vec::new();
+            let mut recs = Vec::new();
+            // Everything queued by the time the writer runs goes out in vectored writes.
+            while wrx.recv_many(&mut batches, MAX_WRITE_SLICES).await > 0 {
+                recs.extend(batches.drain(..).flatten());
+                let n: usize = recs.iter().map(Vec::len).sum();
+                if let Err(e) = write_all_bufs(&mut wr, &recs).await {
                     debug!("write failed: {e}");
                     in_flight.store(0, Ordering::Release);
                     drained.notify_one();
                     return;
                 }
+                recs.clear();
                 in_flight.fetch_sub(n, Ordering::AcqRel);
                 drained.notify_one();
             }
@@ -219,11 +229,15 @@ async fn drive<R, W>(
                 s.close(now, code, &reason);
             }
         }
+        let mut batch = Vec::new();
+        let mut bytes = 0;
         while let Some(rec) = s.poll_transmit(now) {
-            in_flight.fetch_add(rec.len(), Ordering::AcqRel);
-            if wtx.send(rec).is_err() {
-                break;
-            }
+            bytes += rec.len();
+            batch.push(rec);
+        }
+        if !batch.is_empty() {
+            in_flight.fetch_add(bytes, Ordering::AcqRel);
+            let _ = wtx.send(batch);
         }
         while let Some(ev) = s.poll_event() {
             trace!(peer = %peer_addr, "event {ev:?}");
@@ -240,7 +254,7 @@ async fn drive<R, W>(
                     read_open = false;
                     s.handle_eof();
                 }
-                Ok(n) => s.handle_input(Instant::now(), &buf[..n]),
+                Ok(n) => s.handle_input_mut(Instant::now(), &mut buf[..n]),
             },
             c = cmds.recv(), if can_take => match c {
                 Some(Command::Close(code, reason)) => close_after = Some((code, reason)),
@@ -261,6 +275,29 @@ async fn drive<R, W>(
     drop(wtx);
     // Let the writer flush the final records (close acknowledgement), bounded in time.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+}
+
+/// Writes every buffer of `bufs` in order, in vectored writes of up to `MAX_WRITE_SLICES`.
+async fn write_all_bufs<W: AsyncWrite + Unpin>(wr: &mut W, bufs: &[Vec<u8>]) -> io::Result<()> {
+    let (mut i, mut off) = (0, 0);
+    while i < bufs.len() {
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&bufs[i][off..])
+            .chain(bufs[i + 1..].iter().map(Vec::as_slice))
+            .take(MAX_WRITE_SLICES)
+            .map(IoSlice::new)
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while i < bufs.len() && n >= bufs[i].len() - off {
+            n -= bufs[i].len() - off;
+            i += 1;
+            off = 0;
+        }
+        off += n;
+    }
+    Ok(())
 }
 
 fn pump_sends(s: &mut Session, now: Instant, pending: &mut HashMap<u32, VecDeque<PendingSend>>) {
