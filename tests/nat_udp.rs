@@ -134,6 +134,14 @@ fn listener(home: &Path, extra: &[&str]) -> (P, u16) {
     (l, port)
 }
 
+/// `qssh relay` on loopback (kernel-chosen port): the process and its `IP:PORT`.
+fn relay(home: &Path) -> (P, String) {
+    let mut relay = start(home, &["relay", "--bind", "127.0.0.1", "--port", "0"]);
+    let r = relay.wait_err(|l| l.starts_with("relay on UDP "));
+    let addr = r.trim_start_matches("relay on UDP ").to_string();
+    (relay, addr)
+}
+
 fn chat_both_ways(l: &mut P, c: &mut P, tag: &str) {
     c.say(&format!("hello from connector {tag}"));
     l.wait_out(|x| x.ends_with(&format!("hello from connector {tag}")));
@@ -180,9 +188,7 @@ fn relayed_then_direct_on_loopback_and_ping() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let mut relay = start(rh.path(), &["relay", "--bind", "127.0.0.1", "--port", "0"]);
-    let r = relay.wait_err(|l| l.starts_with("relay on UDP "));
-    let relay_addr = r.trim_start_matches("relay on UDP ").to_string();
+    let (mut relay, relay_addr) = relay(rh.path());
     let id = peer_id(lh.path());
     let (mut l, _) = listener(lh.path(), &["--relay", &relay_addr]);
     l.wait_err(|x| x.starts_with("registered at relay"));
@@ -222,9 +228,7 @@ fn relayed_then_direct_on_loopback_and_ping() {
 #[test]
 fn relay_refuses_an_unknown_peer_with_255() {
     let (rh, ch) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut relay = start(rh.path(), &["relay", "--bind", "127.0.0.1", "--port", "0"]);
-    let r = relay.wait_err(|l| l.starts_with("relay on UDP "));
-    let relay_addr = r.trim_start_matches("relay on UDP ").to_string();
+    let (mut relay, relay_addr) = relay(rh.path());
     let id = format!("{}q", "b".repeat(51));
     let mut c = start(ch.path(), &["connect", &id, "--relay", &relay_addr]);
     assert_eq!(c.finish(), 255);
@@ -256,9 +260,7 @@ fn exec_through_the_relay() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let mut relay = start(rh.path(), &["relay", "--bind", "127.0.0.1", "--port", "0"]);
-    let r = relay.wait_err(|l| l.starts_with("relay on UDP "));
-    let relay_addr = r.trim_start_matches("relay on UDP ").to_string();
+    let (mut relay, relay_addr) = relay(rh.path());
     let (lid, cid) = (peer_id(lh.path()), peer_id(ch.path()));
     let (mut l, _) = listener(lh.path(), &["--relay", &relay_addr, "--allow", &cid]);
     l.wait_err(|x| x.starts_with("registered at relay"));
