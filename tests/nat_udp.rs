@@ -188,7 +188,7 @@ fn relayed_then_direct_on_loopback_and_ping() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let (mut relay, relay_addr) = relay(rh.path());
+    let (_relay, relay_addr) = relay(rh.path());
     let id = peer_id(lh.path());
     let (mut l, _) = listener(lh.path(), &["--relay", &relay_addr]);
     l.wait_err(|x| x.starts_with("registered at relay"));
@@ -228,7 +228,7 @@ fn relayed_then_direct_on_loopback_and_ping() {
 #[test]
 fn relay_refuses_an_unknown_peer_with_255() {
     let (rh, ch) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (mut relay, relay_addr) = relay(rh.path());
+    let (_relay, relay_addr) = relay(rh.path());
     let id = format!("{}q", "b".repeat(51));
     let mut c = start(ch.path(), &["connect", &id, "--relay", &relay_addr]);
     assert_eq!(c.finish(), 255);
@@ -260,7 +260,7 @@ fn exec_through_the_relay() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let (mut relay, relay_addr) = relay(rh.path());
+    let (_relay, relay_addr) = relay(rh.path());
     let (lid, cid) = (peer_id(lh.path()), peer_id(ch.path()));
     let (mut l, _) = listener(lh.path(), &["--relay", &relay_addr, "--allow", &cid]);
     l.wait_err(|x| x.starts_with("registered at relay"));
