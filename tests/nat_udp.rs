@@ -252,9 +252,10 @@ fn piped_line_before_connect_is_delivered() {
     }
 }
 
-/// A command through the relay (`qssh connect PEERID --relay R -- CMD`): output, exit status.
+/// A command and a shell through the relay (`connect`/`exec PEERID --relay R -- CMD`, `shell PEERID
+/// --relay R`): output and exit status.
 #[test]
-fn exec_through_the_relay() {
+fn commands_and_shell_through_the_relay() {
     let (rh, lh, ch) = (
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
@@ -264,24 +265,49 @@ fn exec_through_the_relay() {
     let (lid, cid) = (peer_id(lh.path()), peer_id(ch.path()));
     let (mut l, _) = listener(lh.path(), &["--relay", &relay_addr, "--allow", &cid]);
     l.wait_err(|x| x.starts_with("registered at relay"));
-    let out = Command::new(BIN)
+    // The ssh habit and the explicit subcommand take the same connection options.
+    for sub in ["connect", "exec"] {
+        let out = Command::new(BIN)
+            .env("QSSH_HOME", ch.path())
+            .args([
+                sub,
+                &lid,
+                "--relay",
+                &relay_addr,
+                "--",
+                "echo exec-ok; exit 7",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "exec-ok",
+            "{sub}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(7), "{sub}");
+    }
+    // `qssh shell` through the relay, fed from a pipe (no terminal, as `ssh host < script`).
+    let mut sh = Command::new(BIN)
         .env("QSSH_HOME", ch.path())
-        .args([
-            "connect",
-            &lid,
-            "--relay",
-            &relay_addr,
-            "--",
-            "echo exec-ok; exit 7",
-        ])
-        .stdin(Stdio::null())
-        .output()
+        .env("SHELL", "/bin/sh")
+        .args(["shell", &lid, "--relay", &relay_addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "exec-ok",
+    sh.stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo shell-ok\nexit 5\n")
+        .unwrap();
+    let out = common::Guard(Some(sh)).wait_output(WAIT);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("shell-ok"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(out.status.code(), Some(5));
 }

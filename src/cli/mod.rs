@@ -134,16 +134,8 @@ pub enum Command {
         /// Route this network through the tunnel (with --vpn; repeatable).
         #[arg(long, value_name = "CIDR")]
         route: Vec<String>,
-        /// QUIC over UDP instead of TCP (chat, a command, -N, --vpn).
-        #[arg(long)]
-        udp: bool,
-        /// Reach the peer ID TARGET through this rendezvous/relay peer: relayed at once,
-        /// direct as soon as hole punching succeeds (chat, a command, -N, --vpn).
-        #[arg(long, value_name = "HOST:PORT")]
-        relay: Option<String>,
-        /// STUN server for our public address (repeatable; with --relay).
-        #[arg(long, value_name = "HOST:PORT")]
-        stun: Vec<String>,
+        #[command(flatten)]
+        link: LinkArgs,
         /// Remote command: the words are joined by spaces and run by the peer user's shell,
         /// as with ssh.
         #[arg(
@@ -159,6 +151,8 @@ pub enum Command {
         peer: PeerArgs,
         #[command(flatten)]
         forwards: ForwardArgs,
+        #[command(flatten)]
+        link: LinkArgs,
         /// -tt: a terminal even when stdin is not one.
         #[arg(short = 't', action = clap::ArgAction::Count)]
         tty: u8,
@@ -169,6 +163,8 @@ pub enum Command {
         peer: PeerArgs,
         #[command(flatten)]
         forwards: ForwardArgs,
+        #[command(flatten)]
+        link: LinkArgs,
         #[command(flatten)]
         io: IoArgs,
         /// The command: the words are joined by spaces and run by the peer user's shell, as
@@ -329,6 +325,28 @@ impl VpnArgs {
         };
         opts.validate()?;
         Ok(Some(opts))
+    }
+}
+
+/// How to reach the peer, for connect, shell and exec: TCP (default), QUIC over UDP, or a
+/// peer ID through a rendezvous/relay peer.
+#[derive(Debug, Args)]
+pub struct LinkArgs {
+    /// QUIC over UDP instead of TCP.
+    #[arg(long)]
+    udp: bool,
+    /// Reach the peer ID TARGET through this rendezvous/relay peer: relayed at once, direct
+    /// as soon as hole punching succeeds, without interrupting the session.
+    #[arg(long, value_name = "HOST:PORT")]
+    relay: Option<String>,
+    /// STUN server for our public address (repeatable; with --relay).
+    #[arg(long, value_name = "HOST:PORT")]
+    stun: Vec<String>,
+}
+
+impl LinkArgs {
+    fn transport(self) -> crate::app::dial::Transport {
+        transport(self.udp, self.relay, self.stun)
     }
 }
 
@@ -540,9 +558,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             io,
             vpn,
             route,
-            udp,
-            relay,
-            stun,
+            link,
             command,
         } => {
             let home = open_home(&cli.home)?;
@@ -556,7 +572,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     &peer.target,
                     peer.port.unwrap_or(DEFAULT_PORT),
                     (peer.accept_new, peer.name.unwrap_or_else(default_name), psk),
-                    transport(udp, relay, stun),
+                    link.transport(),
                     opts,
                 )
                 .await;
@@ -581,17 +597,18 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                             psk,
                             policy: Policy::default(),
                             vpn: None,
-                            transport: transport(udp, relay, stun),
+                            transport: link.transport(),
                         },
                     )
                     .await;
                 }
             };
-            remote(&home, peer, forwards, mode, io, transport(udp, relay, stun)).await
+            remote(&home, peer, forwards, mode, io, link.transport()).await
         }
         Command::Shell {
             peer,
             forwards,
+            link,
             tty,
         } => {
             let home = open_home(&cli.home)?;
@@ -599,11 +616,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 tty,
                 stdin_null: false,
             };
-            remote(&home, peer, forwards, Mode::Shell, io, Default::default()).await
+            remote(&home, peer, forwards, Mode::Shell, io, link.transport()).await
         }
         Command::Exec {
             peer,
             forwards,
+            link,
             io,
             command,
         } => {
@@ -614,7 +632,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 forwards,
                 Mode::Exec(command),
                 io,
-                Default::default(),
+                link.transport(),
             )
             .await
         }
