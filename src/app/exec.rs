@@ -479,8 +479,36 @@ async fn finish(tx: &ChannelSender, status: io::Result<std::process::ExitStatus>
     }
 }
 
+/// Runs a command's three halves until it ends: `output` (its output pumped to the peer,
+/// then its exit status) finishes the channel; the peer leaving first (`input` ends) hangs
+/// up, which `hangup` does on drop; `writer` (stdin) may end any time before either.
+async fn supervise(
+    input: impl std::future::Future<Output = ()>,
+    writer: impl std::future::Future<Output = ()>,
+    output: impl std::future::Future<Output = (bool, io::Result<std::process::ExitStatus>)>,
+    tx: &ChannelSender,
+    mut hangup: Hangup,
+) {
+    tokio::pin!(input, writer, output);
+    let mut writer_done = false;
+    loop {
+        tokio::select! {
+            (delivered, status) = &mut output => {
+                hangup.disarm();
+                finish(tx, status, delivered).await;
+                return;
+            }
+            _ = &mut input => {
+                debug!("peer left before the command ended: hanging up");
+                return;
+            }
+            _ = &mut writer, if !writer_done => writer_done = true,
+        }
+    }
+}
+
 async fn run_pipes(channel: Channel, mut child: Child) {
-    let mut hangup = Hangup::new(&child);
+    let hangup = Hangup::new(&child);
     let (tx, rx) = channel.split();
     let sink = Sink::Pipe(child.stdin.take());
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -494,26 +522,11 @@ async fn run_pipes(channel: Channel, mut child: Child) {
         );
         (a.is_ok() && b.is_ok(), child.wait().await)
     };
-    tokio::pin!(input, writer, output);
-    let mut writer_done = false;
-    loop {
-        tokio::select! {
-            (delivered, status) = &mut output => {
-                hangup.disarm();
-                finish(&tx, status, delivered).await;
-                return;
-            }
-            _ = &mut input => {
-                debug!("peer left before the command ended: hanging up");
-                return;
-            }
-            _ = &mut writer, if !writer_done => writer_done = true,
-        }
-    }
+    supervise(input, writer, output, &tx, hangup).await;
 }
 
 async fn run_pty(channel: Channel, mut child: Child, master: Master) {
-    let mut hangup = Hangup::new(&child);
+    let hangup = Hangup::new(&child);
     let Master {
         mut reader,
         writer,
@@ -561,22 +574,7 @@ async fn run_pty(channel: Channel, mut child: Child, master: Master) {
         };
         (delivered, status)
     };
-    tokio::pin!(input, writer, output);
-    let mut writer_done = false;
-    loop {
-        tokio::select! {
-            (delivered, status) = &mut output => {
-                hangup.disarm();
-                finish(&tx, status, delivered).await;
-                return;
-            }
-            _ = &mut input => {
-                debug!("peer left before the terminal session ended: hanging up");
-                return;
-            }
-            _ = &mut writer, if !writer_done => writer_done = true,
-        }
-    }
+    supervise(input, writer, output, &tx, hangup).await;
 }
 
 #[cfg(test)]
