@@ -74,31 +74,7 @@ impl Lab {
         };
         let sw = format!("{name}-sw");
         lab.add_ns(&sw);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &sw,
-            "sysctl",
-            "-qew",
-            "net.bridge.bridge-nf-call-iptables=0",
-            "net.bridge.bridge-nf-call-ip6tables=0",
-            "net.bridge.bridge-nf-call-arptables=0",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &sw,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ]);
-        run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        run(&["ip", "-n", &sw, "link", "set", "lo", "up"]);
+        gate::make_switch(&sw);
         for i in 0..n {
             let ns = format!("{name}-h{i}");
             lab.add_ns(&ns);
@@ -124,7 +100,6 @@ impl Lab {
             run(&[
                 "ip", "-n", &ns, "addr", "add", &cidr, "brd", "+", "dev", "eth0",
             ]);
-            run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             lab.hosts.push(Host { ns, ipv4 });
         }
@@ -133,9 +108,7 @@ impl Lab {
     }
 
     fn add_ns(&mut self, ns: &str) {
-        // Recorded first: if creation half-fails, Drop still tries to delete it.
-        self.created.push(ns.to_string());
-        run(&["ip", "netns", "add", ns]);
+        gate::add_namespace(&mut self.created, ns);
     }
 
     /// Waits (bounded) until every host's eth0 is up with a usable IPv6 link-local address.

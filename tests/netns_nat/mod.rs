@@ -183,17 +183,7 @@ impl NatLab {
         };
         let sw = format!("{name}-sw");
         lab.add_ns(&sw);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &sw,
-            "sysctl",
-            "-qw",
-            "net.bridge.bridge-nf-call-iptables=0",
-        ]);
-        run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+        gate::make_switch(&sw);
         let stun_ns = lab.stun_ns.clone();
         lab.add_ns(&stun_ns);
         lab.attach(
@@ -330,9 +320,7 @@ table ip filter {{
     }
 
     fn add_ns(&mut self, ns: &str) {
-        self.created.push(ns.to_string());
-        run(&["ip", "netns", "add", ns]);
-        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        gate::add_namespace(&mut self.created, ns);
     }
 
     /// A veth from namespace `ns` (named `ifname`) to the bridge in `sw`, with `ips`/24.

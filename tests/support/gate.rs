@@ -104,3 +104,40 @@ pub fn delete_namespaces(created: &[String]) {
         }
     }
 }
+
+/// Creates namespace `ns` with `lo` up, recorded in `created` first so that a half-failed
+/// creation is still deleted by [`delete_namespaces`].
+pub fn add_namespace(created: &mut Vec<String>, ns: &str) {
+    created.push(ns.to_string());
+    run(&["ip", "netns", "add", ns]);
+    run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+}
+
+/// Makes `sw` (already created) a dumb switch: bridge `br0`, up, with netfilter off on it
+/// (`br_netfilter` may be loaded) and multicast snooping off, so multicast floods.
+pub fn make_switch(sw: &str) {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        sw,
+        "sysctl",
+        "-qew",
+        "net.bridge.bridge-nf-call-iptables=0",
+        "net.bridge.bridge-nf-call-ip6tables=0",
+        "net.bridge.bridge-nf-call-arptables=0",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        sw,
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ]);
+    run(&["ip", "-n", sw, "link", "set", "br0", "up"]);
+}
