@@ -78,6 +78,22 @@ fn parallel_gets(port: u16, want: &[u8]) {
     }
 }
 
+/// `qssh connect TARGET -N FLAG SPEC` (a forward and nothing else), killed when dropped,
+/// with its stderr lines.
+fn forward_only(p: &Pair, flag: &str, spec: &str) -> (Guard, mpsc::Receiver<String>) {
+    let mut client = Guard(Some(
+        qssh(&p.client)
+            .args(["connect", &p.listener.target(), "-N", flag, spec])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let err = lines_of(client.child().stderr.take().unwrap());
+    (client, err)
+}
+
 fn served_file(dir: &Path) -> Vec<u8> {
     let mut data = vec![0u8; BODY_BYTES];
     std::fs::File::open("/dev/urandom")
@@ -97,15 +113,7 @@ fn local_forward_reaches_a_web_server_with_parallel_connections() {
     let (_server, http_port) = http_server(&www);
     let local = free_port();
     let spec = format!("{local}:127.0.0.1:{http_port}");
-    let _client = Guard(Some(
-        qssh(&p.client)
-            .args(["connect", &p.listener.target(), "-N", "-L", &spec])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let _client = forward_only(&p, "-L", &spec);
     wait_for(WAIT, || get(local).ok()).expect("forward never worked");
     parallel_gets(local, &data);
 }
@@ -118,16 +126,7 @@ fn remote_forward_reaches_a_web_server_with_parallel_connections() {
     let data = served_file(&www);
     let (_server, http_port) = http_server(&www);
     let spec = format!("0:127.0.0.1:{http_port}");
-    let mut client = Guard(Some(
-        qssh(&p.client)
-            .args(["connect", &p.listener.target(), "-N", "-R", &spec])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    let err = lines_of(client.child().stderr.take().unwrap());
+    let (client, err) = forward_only(&p, "-R", &spec);
     let line = wait_line(&err, |l| l.starts_with("Allocated port "));
     let remote: u16 = line
         .split_whitespace()
@@ -152,16 +151,7 @@ fn forward_to_a_closed_port_fails_that_connection_only() {
     let local = free_port();
     let closed = free_port();
     let spec = format!("{local}:127.0.0.1:{closed}");
-    let mut client = Guard(Some(
-        qssh(&p.client)
-            .args(["connect", &p.listener.target(), "-N", "-L", &spec])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    let err = lines_of(client.child().stderr.take().unwrap());
+    let (mut client, err) = forward_only(&p, "-L", &spec);
     // The local side accepts, the peer cannot connect: the connection is closed, the client
     // says why and keeps running.
     let mut s = wait_for(WAIT, || TcpStream::connect(("127.0.0.1", local)).ok()).unwrap();
