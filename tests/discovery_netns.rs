@@ -144,6 +144,31 @@ fn addrs(p: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Every host of `lab` runs the discovery probe at once with `args` (excluding its own
+/// announcer); returns each host's report after asserting it found exactly the others.
+fn discover_all(lab: &Lab, anns: &[Announcer], args: &[&str]) -> Vec<(usize, Value)> {
+    let running: Vec<Proc> = (0..anns.len())
+        .map(|i| {
+            let mut a = args.to_vec();
+            a.extend(["--exclude", &anns[i].peer_id]);
+            start_discover(lab, i, &a)
+        })
+        .collect();
+    running
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let d = finish_discover(p);
+            let want: BTreeSet<String> = (0..anns.len())
+                .filter(|&j| j != i)
+                .map(|j| anns[j].peer_id.clone())
+                .collect();
+            assert_eq!(peer_ids(&d), want, "host{i}: {d}");
+            (i, d)
+        })
+        .collect()
+}
+
 #[test]
 fn three_hosts_find_each_other_by_broadcast_within_2s() {
     if !require_netns("three_hosts_find_each_other_by_broadcast_within_2s") {
@@ -157,28 +182,7 @@ fn three_hosts_find_each_other_by_broadcast_within_2s() {
         })
         .collect();
     // Every host discovers at once, broadcast only, 2 s.
-    let running: Vec<Proc> = (0..3)
-        .map(|i| {
-            start_discover(
-                &lab,
-                i,
-                &[
-                    "--no-mdns",
-                    "--timeout-ms",
-                    "2000",
-                    "--exclude",
-                    &anns[i].peer_id,
-                ],
-            )
-        })
-        .collect();
-    for (i, p) in running.into_iter().enumerate() {
-        let d = finish_discover(p);
-        let want: BTreeSet<String> = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| anns[j].peer_id.clone())
-            .collect();
-        assert_eq!(peer_ids(&d), want, "host{i}: {d}");
+    for (i, d) in discover_all(&lab, &anns, &["--no-mdns", "--timeout-ms", "2000"]) {
         for j in (0..3).filter(|&j| j != i) {
             let p = peer(&d, &anns[j].peer_id);
             assert_eq!(p["name"], format!("host{j}"));
@@ -222,28 +226,7 @@ fn three_hosts_find_each_other_by_mdns_alone() {
             )
         })
         .collect();
-    let running: Vec<Proc> = (0..3)
-        .map(|i| {
-            start_discover(
-                &lab,
-                i,
-                &[
-                    "--no-broadcast",
-                    "--timeout-ms",
-                    "3000",
-                    "--exclude",
-                    &anns[i].peer_id,
-                ],
-            )
-        })
-        .collect();
-    for (i, p) in running.into_iter().enumerate() {
-        let d = finish_discover(p);
-        let want: BTreeSet<String> = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| anns[j].peer_id.clone())
-            .collect();
-        assert_eq!(peer_ids(&d), want, "host{i}: {d}");
+    for (i, d) in discover_all(&lab, &anns, &["--no-broadcast", "--timeout-ms", "3000"]) {
         for j in (0..3).filter(|&j| j != i) {
             let p = peer(&d, &anns[j].peer_id);
             assert_eq!(p["via"], "mdns", "{p}");
