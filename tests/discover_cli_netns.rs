@@ -10,8 +10,8 @@ mod netns;
 mod tmux;
 
 use common::peer_id;
-use netns::{require_netns, require_root_and, skip_or_fail, Lab, Proc};
-use std::path::{Path, PathBuf};
+use netns::{example, require_netns, require_root_and, Lab, Proc};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tmux::Tmux;
@@ -180,7 +180,7 @@ fn impostor_announcing_another_peer_is_refused_at_handshake() {
         &[("QSSH_HOME", &homes[2])],
         Stdio::null(),
     );
-    let probe = probe_path();
+    let probe = example("disc_probe");
     let _imp = lab.spawn(
         2,
         &probe,
@@ -206,31 +206,6 @@ fn impostor_announcing_another_peer_is_refused_at_handshake() {
     assert!(err.contains("is not the expected"), "{err}");
 }
 
-/// The disc_probe example, built on demand (it announces arbitrary IDs for tests).
-fn probe_path() -> String {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--quiet", "--example", "disc_probe"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-    assert!(status.success());
-    profile_dir
-        .join("examples/disc_probe")
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// The example `p2p_demo` (the same CLI as `qssh`), built by `cargo test --examples` (the
-/// README test command) next to the test binaries.
-fn p2p_demo() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join("examples").join("p2p_demo");
-    path.exists().then_some(path)
-}
-
 /// The seed usage, exactly as typed: `p2p_demo listen` on one host; `p2p_demo discover` on
 /// another lists it; `p2p_demo connect ADDR` in a real terminal asks the trust question
 /// (answered "yes"), then chats both ways; a second connect asks nothing (known_peers).
@@ -240,14 +215,7 @@ fn seed_usage_p2p_demo_listen_discover_connect() {
     if !require_root_and(name, &[("ip", "-V"), ("tmux", "-V")]) {
         return;
     }
-    let Some(demo) = p2p_demo() else {
-        skip_or_fail(
-            name,
-            "examples/p2p_demo is not built (cargo build --example p2p_demo)",
-        );
-        return;
-    };
-    let demo = demo.to_string_lossy().into_owned();
+    let demo = example("p2p_demo");
     let lab = Lab::new("seed", 2);
     let dir = tempfile::tempdir().unwrap();
     let (h0, h1) = (home(&dir, 0), home(&dir, 1));

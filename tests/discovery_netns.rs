@@ -9,7 +9,7 @@
 #[path = "netns/mod.rs"]
 mod netns;
 
-use netns::{require_netns, skip_or_fail, Lab, Proc};
+use netns::{example, require_netns, skip_or_fail, Lab, Proc};
 use qssh::core::announce::{DISCOVERY_PORT, REPLIES_PER_SOURCE_PER_SEC, REPLY_BURST_PER_SOURCE};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -20,34 +20,10 @@ use std::time::{Duration, Instant};
 /// Bound on waiting for a probe's line.
 const PROBE_WAIT: Duration = Duration::from_secs(15);
 
-/// Path of the disc_probe example, built (or confirmed fresh) once per test binary.
+/// The disc_probe example, built once per test binary.
 fn probe() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target profile directory");
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build
-            .args(["build", "--quiet", "--example", "disc_probe"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            build.env("CARGO_TARGET_DIR", target);
-        }
-        let status = build
-            .status()
-            .expect("run cargo build --example disc_probe");
-        assert!(status.success(), "building disc_probe failed");
-        let path = profile_dir.join("examples").join("disc_probe");
-        assert!(path.exists(), "{} missing after build", path.display());
-        path.to_string_lossy().into_owned()
-    })
+    PATH.get_or_init(|| example("disc_probe"))
 }
 
 fn parse(line: &str) -> Value {

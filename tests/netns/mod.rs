@@ -36,6 +36,33 @@ const LINK_WAIT: Duration = Duration::from_secs(5);
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// Path of example `name`, built (or confirmed fresh) with the test binary's own profile
+/// and target directory. `cargo test` builds examples only as test harnesses, so the tests
+/// that run an example as a user would build it here.
+pub fn example(name: &str) -> String {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile directory");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    if let Some(target) = profile_dir.parent() {
+        build.env("CARGO_TARGET_DIR", target);
+    }
+    let status = build.status().expect("run cargo build --example");
+    assert!(status.success(), "building example {name} failed");
+    let path = profile_dir.join("examples").join(name);
+    assert!(path.exists(), "{} missing after build", path.display());
+    path.to_string_lossy().into_owned()
+}
+
 /// Whether network-namespace tests can run here: root, `ip` (iproute2) and `sysctl`.
 pub fn require_netns(test: &str) -> bool {
     gate::require_root_and(test, &[("ip", "-V"), ("sysctl", "--version")])
