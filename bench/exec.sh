@@ -7,7 +7,7 @@
 # temporary directory (`sshd -f CONF -D -e` on 127.0.0.1:PORT), killed on exit; /etc/ssh is
 # never read or written. Goals: latency <= 0.1x ssh, throughput >= 1.5x ssh.
 #
-# Usage: bash bench/exec.sh            (RUNS=20 BULK_MIB=2048 by default)
+# Usage: bash bench/exec.sh            (RUNS=20 BULK_MIB=2048 by default; QSSH=BINARY)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +26,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
-cargo build --release --quiet
-QSSH="${CARGO_TARGET_DIR:-target}/release/qssh"
+# QSSH=path/to/qssh benchmarks that binary instead of building this checkout.
+if [ -z "${QSSH:-}" ]; then
+  cargo build --release --quiet
+  QSSH="${CARGO_TARGET_DIR:-target}/release/qssh"
+fi
 
 work=$(mktemp -d)
 pids=()

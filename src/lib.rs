@@ -4,7 +4,7 @@
 //! - [`net`]: tokio drivers that move the core's bytes over real links.
 //! - [`app`]: chat and the other services built on a session.
 //! - [`cli`]: the command-line front end shared by `qssh` and `examples/p2p_demo.rs`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod app;
 pub mod cli;
