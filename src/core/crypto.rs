@@ -246,7 +246,8 @@ impl AeadKey {
     }
 
     /// Decrypts `ciphertext || tag` in place; returns the plaintext length. On failure the
-    /// buffer content is unspecified (callers erase it).
+    /// ciphertext part is overwritten with zeros (ring decrypts while it authenticates, then
+    /// erases the result), so unauthenticated plaintext is never left behind.
     pub fn open(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> Result<usize, CryptoError> {
         self.0
             .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)

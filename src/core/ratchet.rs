@@ -563,8 +563,9 @@ impl Ratchet {
     }
 
     /// [`Ratchet::open`] in place: decrypts the ciphertext inside `msg` and returns the range
-    /// of `msg` that holds the plaintext. The ratchet state is unchanged on any error, and so
-    /// is `msg` (the tag is verified before anything is decrypted).
+    /// of `msg` that holds the plaintext. The ratchet state is unchanged on any error; on an
+    /// authentication failure the ciphertext part of `msg` is overwritten with zeros (ring
+    /// erases what it decrypted), so no unauthenticated plaintext is ever left behind.
     pub fn open_in_place(
         &mut self,
         now: Instant,
@@ -968,10 +969,14 @@ mod tests {
                 } else {
                     &mut inplace.a
                 };
-                let before = (r.snapshot(), bad.clone());
+                let before = r.snapshot();
                 let res = r.open_in_place(now, &mut inplace.rng, AD, &mut bad);
                 assert_eq!(res, Err(RatchetError::Auth));
-                assert_eq!((r.snapshot(), bad), before, "failed open changed something");
+                assert_eq!(r.snapshot(), before, "failed open changed the ratchet");
+                assert!(
+                    !bad.windows(pt.len()).any(|w| w == pt.as_bytes()),
+                    "failed open left plaintext behind"
+                );
 
                 assert_eq!(copy.open(!from_a, &sealed).unwrap(), pt.as_bytes());
                 let mut msg = sealed.clone();
