@@ -6,8 +6,8 @@ use qssh::core::frame::{ChannelKind, CloseCode};
 use qssh::core::handshake::{HandshakeConfig, HandshakeError};
 use qssh::core::identity::{Algorithm, Identity, PeerId};
 use qssh::core::limits::{
-    CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_FRAME_DATA,
-    PQ_RATCHET_EVERY_STEPS,
+    CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_DATA_EVENT,
+    MAX_FRAME_DATA, MAX_SPARE_BUFFERS, PQ_RATCHET_EVERY_STEPS,
 };
 use qssh::core::session::{record_type, CloseReason, Event, Session, SessionConfig};
 use std::sync::Arc;
@@ -474,6 +474,66 @@ fn stream_data_arriving_together_is_one_event_chat_messages_stay_apart() {
     let mut evs = evs;
     assert_eq!(data_of(&mut evs, exec), bulk);
     assert_eq!(data_of(&mut evs, chat), b"onetwo");
+}
+
+/// A Data event's buffer handed back with `recycle` carries the next Data event (no new
+/// allocation); chat messages never take a spare; at most MAX_SPARE_BUFFERS are kept and
+/// buffers larger than a Data event are refused.
+#[test]
+fn recycled_data_buffers_are_reused_and_bounded() {
+    let mut p = Pair::established();
+    let exec = p.open(ChannelKind::Exec);
+    let chat = p.open(ChannelKind::Chat);
+    let take = |p: &mut Pair, ch: u32, data: &[u8]| -> Vec<u8> {
+        if ch == chat {
+            assert!(p.a.send_message(p.now, ch, data).unwrap());
+        } else {
+            assert_eq!(p.a.send(p.now, ch, data).unwrap(), data.len());
+        }
+        let mut input = a_records(p);
+        p.b.handle_input_mut(p.now, &mut input);
+        p.b.consumed(p.now, ch, data.len());
+        let got = std::iter::from_fn(|| p.b.poll_event())
+            .find_map(|e| match e {
+                Event::Data { ch: c, data } if c == ch => Some(data),
+                _ => None,
+            })
+            .expect("a data event");
+        assert_eq!(got, data);
+        // Let A see B's window updates before the next send.
+        while let Some(rec) = p.b.poll_transmit(p.now) {
+            p.a.handle_input(p.now, &rec);
+        }
+        got
+    };
+    let first = take(&mut p, exec, &[1; 5000]);
+    let ptr = first.as_ptr();
+    p.b.recycle(first);
+    let chat_msg = take(&mut p, chat, b"hello");
+    assert_ne!(
+        chat_msg.as_ptr(),
+        ptr,
+        "a chat message took the spare buffer"
+    );
+    let second = take(&mut p, exec, &[2; 3000]);
+    assert_eq!(second.as_ptr(), ptr, "the recycled buffer was not reused");
+
+    // Bounded: only MAX_SPARE_BUFFERS are kept, oversized ones never.
+    p.b.recycle(Vec::with_capacity(MAX_DATA_EVENT + 1));
+    let kept: Vec<*const u8> = (0..MAX_SPARE_BUFFERS + 2)
+        .map(|_| {
+            let b = Vec::with_capacity(MAX_DATA_EVENT);
+            let ptr = b.as_ptr();
+            p.b.recycle(b);
+            ptr
+        })
+        .collect();
+    // (All kept alive, so no address is freed and handed out again.)
+    let reused: Vec<Vec<u8>> = (0..MAX_SPARE_BUFFERS + 2)
+        .map(|i| take(&mut p, exec, &[i as u8; 100]))
+        .collect();
+    let from_spares = reused.iter().filter(|r| kept.contains(&r.as_ptr())).count();
+    assert_eq!(from_spares, MAX_SPARE_BUFFERS);
 }
 
 #[test]

@@ -348,7 +348,7 @@ async fn stdin_writer(mut jobs: mpsc::UnboundedReceiver<Job>, mut sink: Sink, tx
                         broken = true;
                     }
                 }
-                tx.consumed(consume);
+                tx.consumed_buffer(consume, buf);
             }
             // On a terminal there is nothing to close (sshd does the same).
             Job::Eof => {
@@ -411,7 +411,7 @@ async fn input_loop(
         }
         let consume = data.len();
         if ranges.is_empty() {
-            tx.consumed(consume);
+            tx.consumed_buffer(consume, data);
         } else {
             let _ = jobs.send(Job::Data {
                 buf: data,
@@ -433,8 +433,10 @@ async fn pump(
     tx: &ChannelSender,
 ) -> Result<(), ()> {
     if let Some(mut r) = r {
+        // One buffer for the whole stream: the session hands it back after each send.
+        let mut buf = Vec::with_capacity(MSG_HEADER + PIPE_READ_CHUNK);
         loop {
-            let mut buf = Vec::with_capacity(MSG_HEADER + PIPE_READ_CHUNK);
+            buf.clear();
             buf.extend_from_slice(&[0; MSG_HEADER]);
             let n = match r.read_buf(&mut buf).await {
                 Ok(0) => break,
@@ -445,10 +447,13 @@ async fn pump(
                 }
             };
             buf[..MSG_HEADER].copy_from_slice(&data_header(stream, n));
-            tx.send(buf).await.map_err(|_| ())?;
+            buf = tx.send(buf).await.map_err(|_| ())?;
         }
     }
-    tx.send(Msg::Eof(stream).to_vec()).await.map_err(|_| ())
+    tx.send(Msg::Eof(stream).to_vec())
+        .await
+        .map(drop)
+        .map_err(|_| ())
 }
 
 fn exit_message(st: std::process::ExitStatus) -> Msg<'static> {

@@ -157,18 +157,19 @@ pub async fn splice(channel: Channel, sock: TcpStream) {
     let (tx, mut rx) = channel.split();
     let (mut rd, mut wr) = sock.into_split();
     let up = async {
+        // One buffer for the connection: the session hands it back after each send.
+        let mut buf = Vec::with_capacity(FORWARD_READ_CHUNK);
         loop {
-            let mut buf = Vec::with_capacity(FORWARD_READ_CHUNK);
+            buf.clear();
             match rd.read_buf(&mut buf).await {
                 Ok(0) => {
                     tx.eof();
                     return true;
                 }
-                Ok(_) => {
-                    if tx.send(buf).await.is_err() {
-                        return false;
-                    }
-                }
+                Ok(_) => match tx.send(buf).await {
+                    Ok(back) => buf = back,
+                    Err(_) => return false,
+                },
                 Err(e) => {
                     debug!("forwarded connection: read: {e}");
                     return false;
@@ -190,7 +191,7 @@ pub async fn splice(channel: Channel, sock: TcpStream) {
                         debug!("forwarded connection: write: {e}");
                         return Down::Broken;
                     }
-                    tx.consumed(d.len());
+                    tx.consumed_buffer(d.len(), d);
                 }
                 ChannelEvent::Eof => {
                     let _ = wr.shutdown().await;

@@ -56,8 +56,9 @@ impl Channel {
     pub async fn recv(&mut self) -> Option<ChannelEvent> {
         self.events.recv().await
     }
-    /// Sends all of `data` (waits for window and socket: backpressure).
-    pub async fn send(&self, data: Vec<u8>) -> Result<(), SessionError> {
+    /// Sends all of `data` (waits for window and socket: backpressure); returns the emptied
+    /// buffer for reuse.
+    pub async fn send(&self, data: Vec<u8>) -> Result<Vec<u8>, SessionError> {
         self.handle.send(self.id, data).await
     }
     /// Gives back `n` bytes of receive window after the data was processed.
@@ -94,11 +95,21 @@ pub struct ChannelSender {
 }
 
 impl ChannelSender {
-    pub async fn send(&self, data: Vec<u8>) -> Result<(), SessionError> {
+    /// As [`Channel::send`].
+    pub async fn send(&self, data: Vec<u8>) -> Result<Vec<u8>, SessionError> {
         self.handle.send(self.id, data).await
     }
     pub fn consumed(&self, n: usize) {
         self.handle.consumed(self.id, n)
+    }
+    /// `n` bytes were processed, and `buf` (a Data event's buffer) may be reused.
+    pub fn consumed_buffer(&self, n: usize, buf: Vec<u8>) {
+        self.handle.consumed(self.id, n);
+        self.recycle(buf);
+    }
+    /// A Data event's buffer may be reused by the session.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        self.handle.recycle(buf);
     }
     pub fn eof(&self) {
         self.handle.send_eof(self.id)

@@ -556,6 +556,9 @@ impl OutputWriter {
                         }
                     }
                     tx.consumed(job.consume);
+                    for b in job.bufs {
+                        tx.recycle(b);
+                    }
                 }
             })?;
         Ok(OutputWriter { jobs, thread })
@@ -644,8 +647,10 @@ fn start_stdin(
         .name("qssh-stdin".into())
         .spawn(move || {
             let mut esc = escapes.then(Escapes::default);
+            // One buffer for the whole stream: the session hands it back after each send.
+            let mut buf = Vec::with_capacity(MSG_HEADER + STDIN_READ_CHUNK);
             loop {
-                let mut buf = Vec::with_capacity(MSG_HEADER + STDIN_READ_CHUNK);
+                buf.clear();
                 buf.extend_from_slice(&[0; MSG_HEADER]);
                 let n = match rustix::io::read(&input, rustix::buffer::spare_capacity(&mut buf)) {
                     Ok(0) => break,
@@ -677,8 +682,9 @@ fn start_stdin(
                     continue;
                 }
                 buf[..MSG_HEADER].copy_from_slice(&data_header(Stream::Stdin, len));
-                if rt.block_on(tx.send(buf)).is_err() {
-                    return;
+                match rt.block_on(tx.send(buf)) {
+                    Ok(back) => buf = back,
+                    Err(_) => return,
                 }
             }
             let _ = rt.block_on(tx.send(Msg::Eof(Stream::Stdin).to_vec()));

@@ -583,12 +583,18 @@ impl Tunnel {
         out.clear();
         for pkt in rest {
             VpnMessage::Packet(pkt).encode(out);
-            if out.len() >= TCP_BATCH_BYTES && peer.chan.send(std::mem::take(out)).await.is_err() {
-                return;
+            if out.len() >= TCP_BATCH_BYTES {
+                match peer.chan.send(std::mem::take(out)).await {
+                    Ok(back) => *out = back,
+                    Err(_) => return,
+                }
             }
         }
-        if !out.is_empty() && peer.chan.send(std::mem::take(out)).await.is_err() {
-            return;
+        if !out.is_empty() {
+            match peer.chan.send(std::mem::take(out)).await {
+                Ok(back) => *out = back,
+                Err(_) => return,
+            }
         }
         peer.stats
             .tx_tcp
@@ -672,7 +678,7 @@ impl Tunnel {
                 Ok(())
             });
             w.flush(&self).await;
-            peer.chan.consumed(data.len());
+            peer.chan.consumed_buffer(data.len(), data);
             if let Err(e) = r {
                 peer.chan.close(CloseCode::Protocol, &e.to_string());
                 return format!("protocol error: {e}");

@@ -350,21 +350,24 @@ impl LinkArgs {
     }
 }
 
-/// The async runtime for `command`. A VPN peer gets a single-threaded runtime: its packet
-/// path is one task per direction, and keeping every wakeup on one thread avoids a cross-CPU
-/// wakeup per packet (bench/vpn.sh on 2 cores, same build: 2.42 vs 1.61 Gbit/s iperf3,
-/// 8.3 vs 10.7 ms to the first reply). Everything else runs on two worker threads.
+/// The async runtime for `command`. Servers of many peers (`listen` without `--vpn`,
+/// `relay`) run on two worker threads. Everything else is one peer talking to one peer and
+/// runs on a single-threaded runtime, like ssh's and boringtun's single event loop: every
+/// wakeup stays on one thread, with no cross-CPU hand-off per record or packet. Measured on
+/// 2 cores, same build: VPN 2.42 vs 1.61 Gbit/s iperf3 and 8.3 vs 10.7 ms to the first
+/// reply (bench/vpn.sh); `exec cat` of 1 GiB both ways 8% less CPU (bench/README.md).
 fn runtime_builder(command: &Command) -> tokio::runtime::Builder {
-    let vpn = match command {
-        Command::Listen { vpn, .. } | Command::Connect { vpn, .. } => !vpn.vpn.is_empty(),
+    let server = match command {
+        Command::Listen { vpn, .. } => vpn.vpn.is_empty(),
+        Command::Relay { .. } => true,
         _ => false,
     };
-    if vpn {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
+    if server {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(2);
         b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
     }
 }
 

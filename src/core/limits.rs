@@ -74,6 +74,9 @@ pub const MAX_CHAT_MESSAGE: usize = 8192;
 /// Largest Data event a session hands to the application: consecutive DATA frames of one
 /// stream channel (not chat) that arrive together are joined up to this many bytes.
 pub const MAX_DATA_EVENT: usize = 256 * 1024;
+/// Emptied Data buffers the application may hand back for reuse ([`MAX_DATA_EVENT`] each):
+/// bulk transfer then allocates no new buffers.
+pub const MAX_SPARE_BUFFERS: usize = 4;
 /// Records a session queues for sending before the application must wait.
 pub const MAX_QUEUED_RECORDS: usize = 4096;
 

@@ -25,7 +25,7 @@ use super::identity::{PeerId, PublicIdentity};
 use super::limits::{
     CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_CHANNELS,
     MAX_CHANNEL_PARAMS, MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_QUEUED_RECORDS, MAX_RECORD_BODY,
-    MAX_RECORD_PLAINTEXT,
+    MAX_RECORD_PLAINTEXT, MAX_SPARE_BUFFERS,
 };
 use super::ratchet::{Ratchet, RatchetError, RatchetInit, HEADER_LEN};
 use std::collections::{HashMap, VecDeque};
@@ -248,6 +248,8 @@ pub struct Session {
     /// most DATA a Data event can still gather in this call (its first allocation).
     input_left: usize,
     events: VecDeque<Event>,
+    /// Emptied Data buffers handed back by the application ([`Session::recycle`]).
+    spare: Vec<Vec<u8>>,
     created: Instant,
     last_received: Instant,
     last_sent: Instant,
@@ -316,6 +318,7 @@ impl Session {
             replies: Vec::new(),
             input_left: 0,
             events: VecDeque::new(),
+            spare: Vec::new(),
             created: now,
             last_received: now,
             last_sent: now,
@@ -746,12 +749,12 @@ impl Session {
                             buf.extend_from_slice(data)
                         }
                         _ => {
-                            let cap = if join {
-                                self.input_left.min(MAX_DATA_EVENT).max(data.len())
+                            let mut buf = if join {
+                                let cap = self.input_left.min(MAX_DATA_EVENT).max(data.len());
+                                self.spare.pop().unwrap_or_else(|| Vec::with_capacity(cap))
                             } else {
-                                data.len()
+                                Vec::with_capacity(data.len())
                             };
-                            let mut buf = Vec::with_capacity(cap);
                             buf.extend_from_slice(data);
                             self.events.push_back(Event::Data { ch, data: buf });
                         }
@@ -1034,6 +1037,18 @@ impl Session {
             },
         );
         Ok(())
+    }
+
+    /// Gives an emptied Data buffer back for reuse by the next Data event (kept only while
+    /// fewer than [`MAX_SPARE_BUFFERS`] wait, and only if it is no larger than a Data event
+    /// needs).
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE_BUFFERS
+            && (MAX_FRAME_DATA..=MAX_DATA_EVENT).contains(&buf.capacity())
+        {
+            buf.clear();
+            self.spare.push(buf);
+        }
     }
 
     /// The application has processed `n` bytes of `ch`: the peer may send that much more.

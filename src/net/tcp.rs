@@ -43,8 +43,9 @@ enum Command {
     Send {
         ch: u32,
         data: Vec<u8>,
-        done: oneshot::Sender<Result<(), SessionError>>,
+        done: oneshot::Sender<Result<Vec<u8>, SessionError>>,
     },
+    Recycle(Vec<u8>),
     Eof(u32),
     CloseChannel(u32, CloseCode, String),
     Consumed(u32, usize),
@@ -89,11 +90,16 @@ impl SessionHandle {
         self.cmd(Command::Reject(ch, code, reason.to_string()));
     }
     /// Sends all of `data` on `ch`; completes once the session has taken it (flow control
-    /// and the socket's pace are the backpressure).
-    pub async fn send(&self, ch: u32, data: Vec<u8>) -> Result<(), SessionError> {
+    /// and the socket's pace are the backpressure), and gives the emptied buffer back for
+    /// the caller's next message.
+    pub async fn send(&self, ch: u32, data: Vec<u8>) -> Result<Vec<u8>, SessionError> {
         let (done, rx) = oneshot::channel();
         self.cmd(Command::Send { ch, data, done });
         rx.await.unwrap_or(Err(SessionError::Closed))
+    }
+    /// Hands an emptied Data buffer back to the session for reuse ([`Session::recycle`]).
+    pub fn recycle(&self, buf: Vec<u8>) {
+        self.cmd(Command::Recycle(buf));
     }
     pub fn send_eof(&self, ch: u32) {
         self.cmd(Command::Eof(ch));
@@ -132,13 +138,16 @@ struct PendingSend {
     data: Vec<u8>,
     off: usize,
     eof: bool,
-    done: Option<oneshot::Sender<Result<(), SessionError>>>,
+    done: Option<oneshot::Sender<Result<Vec<u8>, SessionError>>>,
 }
 
 impl PendingSend {
+    /// Completes the send; on success the caller gets its buffer back, emptied.
     fn finish(self, r: Result<(), SessionError>) {
         if let Some(d) = self.done {
-            let _ = d.send(r);
+            let mut data = self.data;
+            data.clear();
+            let _ = d.send(r.map(|()| data));
         }
     }
 }
@@ -376,6 +385,7 @@ fn apply(
             let _ = s.close_channel(now, ch, code, &reason);
         }
         Command::Consumed(ch, n) => s.consumed(now, ch, n),
+        Command::Recycle(buf) => s.recycle(buf),
         Command::Ping => {
             let _ = s.ping(now);
         }
