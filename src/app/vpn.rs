@@ -267,7 +267,10 @@ pub struct Tunnel {
 struct TunWriter {
     bufs: Vec<Vec<u8>>,
     n: usize,
-    gro: GROTable,
+    /// tun-rs's coalescing tables: about 1.5 MB, written as they are built, which costs
+    /// milliseconds of page faults. Built on the first batch of two or more packets, never
+    /// for a lone packet (the first ping, interactive traffic).
+    gro: Option<Box<GROTable>>,
     headroom: usize,
 }
 
@@ -276,7 +279,7 @@ impl TunWriter {
         TunWriter {
             bufs: Vec::new(),
             n: 0,
-            gro: GROTable::default(),
+            gro: None,
             headroom,
         }
     }
@@ -294,15 +297,21 @@ impl TunWriter {
         self.n += 1;
     }
     async fn flush(&mut self, t: &Tunnel) {
-        if self.n == 0 {
-            return;
-        }
-        if let Err(e) = t
-            .tun
-            .dev
-            .send_multiple(&mut self.gro, &mut self.bufs[..self.n], self.headroom)
-            .await
-        {
+        let result = match self.n {
+            0 => return,
+            // One packet: one write. Its headroom is a zeroed virtio-net header when offload
+            // is on ("no offload needed"), nothing otherwise.
+            1 => t.tun.dev.send(&self.bufs[0]).await.map(drop),
+            n => {
+                let gro = self.gro.get_or_insert_with(Box::default);
+                t.tun
+                    .dev
+                    .send_multiple(gro, &mut self.bufs[..n], self.headroom)
+                    .await
+                    .map(drop)
+            }
+        };
+        if let Err(e) = result {
             debug!("TUN write failed: {e}");
         }
         self.n = 0;
