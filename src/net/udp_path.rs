@@ -49,7 +49,9 @@ pub struct UdpLink {
 
 /// Reusable receive buffers for [`UdpLink::recv_batch`].
 pub struct RecvBuffers {
+    /// Grown on demand up to `BATCH_SIZE` buffers of `size` bytes (see `recv_batch`).
     bufs: Vec<Vec<u8>>,
+    size: usize,
     meta: Vec<RecvMeta>,
 }
 
@@ -89,33 +91,42 @@ impl UdpLink {
         self.state.max_gso_segments().max(1)
     }
 
-    /// Buffers sized for this socket's GRO.
+    /// Buffers sized for this socket's GRO, allocated as traffic needs them.
     pub fn recv_buffers(&self) -> RecvBuffers {
-        let size = (self.state.gro_segments().max(1) * 1500).max(MAX_UDP_PAYLOAD);
-        // Each buffer allocated zeroed on its own (fresh pages, faulted in on first use):
-        // `vec![vec![0; size]; n]` would clone, i.e. write, all n × size bytes up front —
-        // about 3 MB with GRO, a millisecond or more in front of the first packet.
         RecvBuffers {
-            bufs: (0..BATCH_SIZE).map(|_| vec![0u8; size]).collect(),
+            bufs: Vec::new(),
+            size: (self.state.gro_segments().max(1) * 1500).max(MAX_UDP_PAYLOAD),
             meta: vec![RecvMeta::default(); BATCH_SIZE],
         }
     }
 
     /// Waits for datagrams; returns how many buffers [`RecvBuffers::get`] now holds.
+    ///
+    /// The full set of buffers is about 3 MB with GRO, and allocating it zeroed costs
+    /// milliseconds of page faults; a VPN peer used to pay that in front of its first
+    /// packet. So there is one buffer at first, and the set doubles each time a batch fills
+    /// every buffer there is, up to `BATCH_SIZE`.
     pub async fn recv_batch(&self, rb: &mut RecvBuffers) -> io::Result<usize> {
         let n = loop {
             self.sock.readable().await?;
+            if rb.bufs.is_empty() {
+                rb.bufs.push(vec![0u8; rb.size]);
+            }
             let mut slices: Vec<IoSliceMut<'_>> =
                 rb.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let meta = &mut rb.meta[..slices.len()];
             match self.sock.try_io(Interest::READABLE, || {
-                self.state
-                    .recv((&self.sock).into(), &mut slices, &mut rb.meta)
+                self.state.recv((&self.sock).into(), &mut slices, meta)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         };
+        if n == rb.bufs.len() && n < BATCH_SIZE {
+            let more = n.min(BATCH_SIZE - n);
+            rb.bufs.extend((0..more).map(|_| vec![0u8; rb.size]));
+        }
         Ok(n)
     }
 
