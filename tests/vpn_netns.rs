@@ -1,8 +1,8 @@
 //! The VPN end to end, between two hosts in network namespaces (tests/netns): ping both ways
 //! over IPv4 and IPv6, iperf3 TCP and UDP, a file copied with a matching checksum, over the
-//! UDP link and over the TCP link; forged sources and replayed datagrams dropped; VPN
-//! authorization; interfaces gone after every kind of exit. Throughput is measured by
-//! bench/vpn.sh, never here.
+//! UDP link and over the TCP link, over an IPv4 and an IPv6 network; forged sources and
+//! replayed datagrams dropped; VPN authorization; interfaces gone after every kind of exit.
+//! Throughput is measured by bench/vpn.sh, never here.
 //!
 //! Without root these tests skip loudly; QSSH_REQUIRE_NETNS=1 turns the skip into a failure.
 
@@ -214,7 +214,33 @@ const L_ADDRS: &str = "10.200.0.1/24,fd00:200::1/64";
 const C_ADDRS: &str = "10.200.0.2/24,fd00:200::2/64";
 
 fn pair(tag: &str, listener_extra: &[&str], connector_extra: &[&str]) -> Pair {
+    pair_over(tag, Underlay::V4, listener_extra, connector_extra)
+}
+
+/// The network between the two hosts that the tunnel runs over.
+#[derive(Clone, Copy, PartialEq)]
+enum Underlay {
+    V4,
+    /// Hosts also get fd13::1 and fd13::2 (a private /64, no DAD), and the connector dials
+    /// the listener's IPv6 address.
+    V6,
+}
+
+fn pair_over(
+    tag: &str,
+    underlay: Underlay,
+    listener_extra: &[&str],
+    connector_extra: &[&str],
+) -> Pair {
     let lab = Lab::new(tag, 2);
+    if underlay == Underlay::V6 {
+        for (i, h) in lab.hosts.iter().enumerate() {
+            let addr = format!("fd13::{}/64", i + 1);
+            netns::run(&[
+                "ip", "-n", &h.ns, "addr", "add", &addr, "dev", "eth0", "nodad",
+            ]);
+        }
+    }
     let tmp = tempfile::tempdir().unwrap();
     let (ha, _) = home(tmp.path(), "a");
     let (hb, idb) = home(tmp.path(), "b");
@@ -224,7 +250,10 @@ fn pair(tag: &str, listener_extra: &[&str], connector_extra: &[&str]) -> Pair {
     largs.extend_from_slice(listener_extra);
     let listener = qssh(&lab, 0, &ha, &largs, &llog);
     wait_for(&llog, "listening on");
-    let listener_ip = lab.hosts[0].ipv4.to_string();
+    let listener_ip = match underlay {
+        Underlay::V4 => lab.hosts[0].ipv4.to_string(),
+        Underlay::V6 => "fd13::1".to_string(),
+    };
     let mut cargs = vec!["connect", &listener_ip, "--accept-new", "--vpn", C_ADDRS];
     cargs.extend_from_slice(connector_extra);
     let connector = qssh(&lab, 1, &hb, &cargs, &clog);
@@ -406,6 +435,37 @@ fn vpn_over_tcp_link_ping_iperf_copy() {
             0,
             "no datagram keys without UDP: {log}"
         );
+    }
+}
+
+/// The tunnel over an IPv6 network, on each of its links: the listener's VPN port (the
+/// default), the QUIC session's path (`--udp`) and the TCP link (`--no-udp`). Inside: ping
+/// over IPv4 and IPv6 both ways, and records counted on the link that was chosen.
+#[test]
+fn vpn_over_an_ipv6_underlay_on_every_link() {
+    let test = "vpn_over_an_ipv6_underlay_on_every_link";
+    if !ready(test) {
+        return;
+    }
+    for (flag, link) in [
+        (None, "UDP to [fd13::1]:"),
+        (Some("--udp"), "UDP on the session's path"),
+        (Some("--no-udp"), "TCP link only"),
+    ] {
+        let mut p = pair_over("v6", Underlay::V6, &[], flag.as_slice());
+        p.ping_everything();
+        let clog = p.stop_connector();
+        assert!(clog.contains(link), "{flag:?}: {clog}");
+        assert_no_tun(&p.ns(1));
+        let llog = wait_for(&p.llog, "left (");
+        assert!(llog.contains("from [fd13::2]:"), "{flag:?}: {llog}");
+        let over_udp = stat(&clog, "over UDP, ");
+        if flag == Some("--no-udp") {
+            assert_eq!(over_udp, 0, "{clog}");
+        } else {
+            assert!(over_udp > 0, "{flag:?}: sent over UDP:\n{clog}");
+            assert_eq!(stat(&clog, "failed authentication"), 0, "{clog}");
+        }
     }
 }
 
