@@ -21,7 +21,7 @@
 //! receive task reads the main socket the same way and queues QUIC packets for quinn.
 //! Extra (birthday-probing) sockets are plain sockets read by a task of their own.
 
-use super::udp_path::UDP_SOCKET_BUFFER;
+use super::udp_path::{MAX_GSO_BYTES, UDP_SOCKET_BUFFER};
 use crate::core::limits::{MAX_STUN_PENDING, MAX_UDP_PAYLOAD, QUIC_RECV_QUEUE};
 use crate::core::rendezvous::{
     classify, decode_relay_data, encode_relay_data, UdpKind, RELAY_DATA_HEADER,
@@ -317,6 +317,62 @@ struct Kept {
 }
 
 impl Inner {
+    /// Sends a transmit (GSO segments of `segment_size`) to `t.destination` along its route:
+    /// a virtual address resolves to the peer's direct path, or through its relay slot
+    /// (each segment wrapped in RELAY_DATA); any other address is used as is. Without
+    /// waiting: only `WouldBlock` on the main socket is an error, the rest is the network's
+    /// loss (QUIC retransmits; VPN packets are lossy anyway).
+    fn try_send_routed(&self, t: &Transmit) -> io::Result<()> {
+        let dest = canonical(t.destination);
+        let resolved = self.routes.lock().expect("routes lock").resolve(dest);
+        let Some((to, slot, via)) = resolved else {
+            // A peer with no path at the moment: the packet is lost, QUIC retransmits.
+            return Ok(());
+        };
+        let segment = t.segment_size.unwrap_or(t.contents.len());
+        if via != 0 {
+            // A birthday-probing socket: plain, one datagram per call. A full buffer loses
+            // the rest (quinn waits only for the main socket's writability; QUIC
+            // retransmits), as do unreachable networks and the like.
+            let Some(socket) = self.extra.read().expect("extra lock").get(via - 1).cloned() else {
+                return Ok(());
+            };
+            for seg in t.contents.chunks(segment.max(1)) {
+                let r = match slot {
+                    None => socket.try_send_to(seg, to),
+                    Some(slot) => socket.try_send_to(&encode_relay_data(slot, seg), to),
+                };
+                if let Err(e) = r {
+                    trace!("send to {to} via {via} failed: {e}");
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        let ecn = t.ecn;
+        // The kernel picks the source address: the path is ours, not quinn's.
+        match slot {
+            None => self.main.try_send(&Transmit {
+                destination: to,
+                ecn,
+                contents: t.contents,
+                segment_size: t.segment_size,
+                src_ip: None,
+            }),
+            Some(slot) => {
+                let mut wrap = self.wrap.lock().expect("wrap lock");
+                wrap_segments(&mut wrap, slot, t.contents, segment);
+                self.main.try_send(&Transmit {
+                    destination: to,
+                    ecn,
+                    contents: &wrap,
+                    segment_size: t.segment_size.map(|s| s + RELAY_DATA_HEADER),
+                    src_ip: None,
+                })
+            }
+        }
+    }
+
     /// Sorts the datagrams of one received buffer (`stride`-sized GRO segments, the last maybe
     /// shorter) from `from`: STUN answers to their waiters, punch/relay/datagram records to
     /// the control queue, QUIC (and unwrapped relayed QUIC) for quinn. With `in_place`, the
@@ -559,7 +615,8 @@ impl UdpMux {
     /// socket, directly or inside RELAY_DATA from a relay slot we know, go to the returned
     /// receiver, at most `queue` waiting (more are dropped, as a full socket buffer would).
     /// The sender is shown as the peer's virtual address when the record came through the
-    /// relay or from a proven alias of a peer, so replies sent with [`UdpMux::send_routed`]
+    /// relay or from a proven alias of a peer, so replies sent with
+    /// [`UdpMux::send_routed_records`]
     /// follow the peer's current path. A second call replaces the first receiver.
     pub fn datagrams(&self, queue: usize) -> mpsc::Receiver<Received> {
         let (tx, rx) = mpsc::channel(queue.max(1));
@@ -567,26 +624,44 @@ impl UdpMux {
         rx
     }
 
-    /// Sends one payload to `dest` the way QUIC packets go: a virtual address resolves to
-    /// the peer's direct path, or through its relay slot (wrapped in RELAY_DATA); any other
-    /// address is used as is. A peer without a path at the moment loses the packet (UDP).
-    pub async fn send_routed(&self, payload: &[u8], dest: SocketAddr) -> io::Result<()> {
-        let resolved = self
-            .inner
-            .routes
-            .lock()
-            .expect("routes lock")
-            .resolve(canonical(dest));
-        let Some((to, slot, via)) = resolved else {
+    /// Sends `buf`, consecutive payloads of `stride` bytes each (the last may be shorter),
+    /// to `dest` the way QUIC packets go (a virtual address resolves to the peer's direct
+    /// path, or through its relay slot, each payload wrapped in RELAY_DATA; any other
+    /// address is used as is), in GSO batches on the main socket; waits while its buffer is
+    /// full. A peer without a path at the moment loses the payloads (UDP). The VPN's
+    /// datagram records go this way.
+    pub async fn send_routed_records(
+        &self,
+        buf: &[u8],
+        stride: usize,
+        dest: SocketAddr,
+    ) -> io::Result<()> {
+        if stride == 0 {
             return Ok(());
-        };
-        match slot {
-            None => self.send_via(payload, to, via).await,
-            Some(slot) => {
-                self.send_via(&encode_relay_data(slot, payload), to, via)
-                    .await
-            }
         }
+        // Room for a RELAY_DATA header on every segment, should the route be relayed.
+        let segments = self
+            .inner
+            .main
+            .state
+            .max_gso_segments()
+            .min(MAX_GSO_BYTES / (stride + RELAY_DATA_HEADER))
+            .max(1);
+        for chunk in buf.chunks(stride * segments) {
+            let t = Transmit {
+                destination: dest,
+                ecn: None,
+                contents: chunk,
+                segment_size: (chunk.len() > stride).then_some(stride),
+                src_ip: None,
+            };
+            self.inner
+                .main
+                .io
+                .async_io(Interest::WRITABLE, || self.inner.try_send_routed(&t))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Extra sockets open so far.
@@ -818,61 +893,7 @@ impl AsyncUdpSocket for QuicSocket {
     }
 
     fn try_send(&self, t: &Transmit) -> io::Result<()> {
-        let dest = canonical(t.destination);
-        let resolved = self.inner.routes.lock().expect("routes lock").resolve(dest);
-        let Some((to, slot, via)) = resolved else {
-            // A peer with no path at the moment: the packet is lost, QUIC retransmits.
-            return Ok(());
-        };
-        let segment = t.segment_size.unwrap_or(t.contents.len());
-        if via != 0 {
-            // A birthday-probing socket: plain, one datagram per call. A full buffer loses
-            // the rest (quinn waits only for the main socket's writability; QUIC
-            // retransmits), as do unreachable networks and the like.
-            let Some(socket) = self
-                .inner
-                .extra
-                .read()
-                .expect("extra lock")
-                .get(via - 1)
-                .cloned()
-            else {
-                return Ok(());
-            };
-            for seg in t.contents.chunks(segment.max(1)) {
-                let r = match slot {
-                    None => socket.try_send_to(seg, to),
-                    Some(slot) => socket.try_send_to(&encode_relay_data(slot, seg), to),
-                };
-                if let Err(e) = r {
-                    trace!("send to {to} via {via} failed: {e}");
-                    break;
-                }
-            }
-            return Ok(());
-        }
-        let ecn = t.ecn;
-        // The kernel picks the source address: the path is ours, not quinn's.
-        match slot {
-            None => self.inner.main.try_send(&Transmit {
-                destination: to,
-                ecn,
-                contents: t.contents,
-                segment_size: t.segment_size,
-                src_ip: None,
-            }),
-            Some(slot) => {
-                let mut wrap = self.inner.wrap.lock().expect("wrap lock");
-                wrap_segments(&mut wrap, slot, t.contents, segment);
-                self.inner.main.try_send(&Transmit {
-                    destination: to,
-                    ecn,
-                    contents: &wrap,
-                    segment_size: t.segment_size.map(|s| s + RELAY_DATA_HEADER),
-                    src_ip: None,
-                })
-            }
-        }
+        self.inner.try_send_routed(t)
     }
 
     fn poll_recv(

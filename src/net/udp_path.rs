@@ -187,20 +187,7 @@ impl PacketPath for MuxPath {
         buf: &'a [u8],
         stride: usize,
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
-        Box::pin(async move {
-            if stride == 0 {
-                return Ok(());
-            }
-            let mut result = Ok(());
-            for rec in records(buf, stride) {
-                // One failure (e.g. an ICMP error reported on this send) must not lose the
-                // rest of the batch: report the last error after trying every record.
-                if let Err(e) = self.mux.send_routed(rec, dest).await {
-                    result = Err(e);
-                }
-            }
-            result
-        })
+        Box::pin(self.mux.send_routed_records(buf, stride, dest))
     }
 }
 
