@@ -21,7 +21,7 @@
 //! receive task reads the main socket the same way and queues QUIC packets for quinn.
 //! Extra (birthday-probing) sockets are plain sockets read by a task of their own.
 
-use super::udp_path::{MAX_GSO_BYTES, UDP_SOCKET_BUFFER};
+use super::udp_path::{gso_transmits, UDP_SOCKET_BUFFER};
 use crate::core::limits::{MAX_STUN_PENDING, MAX_UDP_PAYLOAD, QUIC_RECV_QUEUE};
 use crate::core::rendezvous::{
     classify, decode_relay_data, encode_relay_data, UdpKind, RELAY_DATA_HEADER,
@@ -640,21 +640,8 @@ impl UdpMux {
             return Ok(());
         }
         // Room for a RELAY_DATA header on every segment, should the route be relayed.
-        let segments = self
-            .inner
-            .main
-            .state
-            .max_gso_segments()
-            .min(MAX_GSO_BYTES / (stride + RELAY_DATA_HEADER))
-            .max(1);
-        for chunk in buf.chunks(stride * segments) {
-            let t = Transmit {
-                destination: dest,
-                ecn: None,
-                contents: chunk,
-                segment_size: (chunk.len() > stride).then_some(stride),
-                src_ip: None,
-            };
+        let max = self.inner.main.state.max_gso_segments();
+        for t in gso_transmits(buf, stride, dest, max, RELAY_DATA_HEADER) {
             self.inner
                 .main
                 .io

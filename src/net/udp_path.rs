@@ -10,7 +10,7 @@
 //! (first byte 0x05) come out of [`UdpMux::datagrams`] and go to the VPN's incoming-record
 //! hook (`app::vpn::Tunnel::handle_records`).
 
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -129,21 +129,26 @@ impl UdpLink {
         }
         Ok(n)
     }
+}
 
-    async fn send_chunk(&self, dest: SocketAddr, chunk: &[u8], stride: usize) -> io::Result<()> {
-        let t = Transmit {
-            destination: dest,
-            ecn: None,
-            contents: chunk,
-            segment_size: (chunk.len() > stride).then_some(stride),
-            src_ip: None,
-        };
-        self.sock
-            .async_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.sock).into(), &t)
-            })
-            .await
-    }
+/// `buf`, records of `stride` bytes (the last may be shorter; `stride` > 0), as GSO sends to
+/// `dest`: at most `max_segments` records each, and at most `MAX_GSO_BYTES` even after every
+/// segment grew by `extra` bytes (a RELAY_DATA header, when relayed).
+pub fn gso_transmits(
+    buf: &[u8],
+    stride: usize,
+    dest: SocketAddr,
+    max_segments: usize,
+    extra: usize,
+) -> impl Iterator<Item = Transmit<'_>> {
+    let segments = max_segments.min(MAX_GSO_BYTES / (stride + extra)).max(1);
+    buf.chunks(stride * segments).map(move |chunk| Transmit {
+        destination: dest,
+        ecn: None,
+        contents: chunk,
+        segment_size: (chunk.len() > stride).then_some(stride),
+        src_ip: None,
+    })
 }
 
 impl PacketPath for UdpLink {
@@ -157,10 +162,12 @@ impl PacketPath for UdpLink {
             if stride == 0 {
                 return Ok(());
             }
-            let segments = self.max_segments().min(MAX_GSO_BYTES / stride).max(1);
-            let per_send = stride * segments;
-            for chunk in buf.chunks(per_send) {
-                self.send_chunk(dest, chunk, stride).await?;
+            for t in gso_transmits(buf, stride, dest, self.max_segments(), 0) {
+                self.sock
+                    .async_io(Interest::WRITABLE, || {
+                        self.state.try_send((&self.sock).into(), &t)
+                    })
+                    .await?;
             }
             Ok(())
         })
