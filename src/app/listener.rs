@@ -218,7 +218,22 @@ pub async fn listen(home: &Home, opts: ListenOptions) -> Result<i32> {
                     Box::new(OsRandom),
                 );
                 let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                tasks.spawn(serve_peer(next_id, spawn_session(stream, session), addr, local, false, shared.clone()));
+                let (id, shared) = (next_id, shared.clone());
+                if shared.vpn.is_some() {
+                    // VPN peers share the listener's tunnel tasks: one runtime for all.
+                    tasks.spawn(serve_peer(id, spawn_session(stream, session), addr, local, false, shared));
+                    continue;
+                }
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => { warn!(%addr, "cannot hand the connection over: {e}"); continue; }
+                };
+                tasks.spawn(on_own_thread(move || async move {
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => serve_peer(id, spawn_session(stream, session), addr, local, false, shared).await,
+                        Err(e) => warn!(%addr, "cannot register the connection: {e}"),
+                    }
+                }));
             }
             line = input.recv(), if input_open => match line {
                 Some(Input::Line(l)) => match parse_line(&l) {
@@ -545,6 +560,37 @@ async fn broadcast(room: &Room, text: String) {
 
 /// `on_udp`: the session runs over QUIC on the listener's UDP socket, where `addr` is the
 /// peer's address (virtual for peers reached through the relay).
+/// Runs the future `make` returns on a thread of its own with a single-threaded runtime, as
+/// sshd gives each connection a process of its own: a session's records, channels and
+/// commands never wake another thread, and sessions spread over the cores. Completes when
+/// that future has. Tasks the session left behind are dropped with its runtime (their
+/// cleanup, such as hanging up a command's process group, runs on drop).
+async fn on_own_thread<F, Fut>(make: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("qssh-session".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(make()),
+                Err(e) => warn!("cannot start a session's runtime: {e}"),
+            }
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(e) => warn!("cannot start a session's thread: {e}"),
+    }
+}
+
 async fn serve_peer(
     id: u64,
     spawned: Spawned,
