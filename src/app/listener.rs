@@ -558,8 +558,6 @@ async fn broadcast(room: &Room, text: String) {
     }
 }
 
-/// `on_udp`: the session runs over QUIC on the listener's UDP socket, where `addr` is the
-/// peer's address (virtual for peers reached through the relay).
 /// Runs the future `make` returns on a thread of its own with a single-threaded runtime, as
 /// sshd gives each connection a process of its own: a session's records, channels and
 /// commands never wake another thread, and sessions spread over the cores. Completes when
@@ -591,6 +589,8 @@ where
     }
 }
 
+/// `on_udp`: the session runs over QUIC on the listener's UDP socket, where `addr` is the
+/// peer's address (virtual for peers reached through the relay).
 async fn serve_peer(
     id: u64,
     spawned: Spawned,
