@@ -506,7 +506,10 @@ fn recycled_data_buffers_are_reused_and_bounded() {
         }
         got
     };
-    let first = take(&mut p, exec, &[1; 5000]);
+    // Larger than one frame, so the event's buffer is one the session keeps (it refuses
+    // buffers smaller than a frame).
+    let first = take(&mut p, exec, &[1; 2 * MAX_FRAME_DATA]);
+    assert!(first.capacity() >= MAX_FRAME_DATA);
     let ptr = first.as_ptr();
     p.b.recycle(first);
     let chat_msg = take(&mut p, chat, b"hello");
@@ -518,22 +521,21 @@ fn recycled_data_buffers_are_reused_and_bounded() {
     let second = take(&mut p, exec, &[2; 3000]);
     assert_eq!(second.as_ptr(), ptr, "the recycled buffer was not reused");
 
-    // Bounded: only MAX_SPARE_BUFFERS are kept, oversized ones never.
+    // Bounded: only MAX_SPARE_BUFFERS are kept, buffers too large or too small never.
+    assert_eq!(p.b.spare_buffers(), 0);
     p.b.recycle(Vec::with_capacity(MAX_DATA_EVENT + 1));
-    let kept: Vec<*const u8> = (0..MAX_SPARE_BUFFERS + 2)
-        .map(|_| {
-            let b = Vec::with_capacity(MAX_DATA_EVENT);
-            let ptr = b.as_ptr();
-            p.b.recycle(b);
-            ptr
-        })
-        .collect();
-    // (All kept alive, so no address is freed and handed out again.)
-    let reused: Vec<Vec<u8>> = (0..MAX_SPARE_BUFFERS + 2)
-        .map(|i| take(&mut p, exec, &[i as u8; 100]))
-        .collect();
-    let from_spares = reused.iter().filter(|r| kept.contains(&r.as_ptr())).count();
-    assert_eq!(from_spares, MAX_SPARE_BUFFERS);
+    p.b.recycle(Vec::with_capacity(MAX_FRAME_DATA - 1));
+    assert_eq!(p.b.spare_buffers(), 0);
+    for _ in 0..MAX_SPARE_BUFFERS + 2 {
+        p.b.recycle(Vec::with_capacity(MAX_DATA_EVENT));
+    }
+    assert_eq!(p.b.spare_buffers(), MAX_SPARE_BUFFERS);
+    // Each stream Data event takes one.
+    for i in 0..MAX_SPARE_BUFFERS {
+        let got = take(&mut p, exec, &[i as u8; 100]);
+        assert_eq!(got.capacity(), MAX_DATA_EVENT);
+    }
+    assert_eq!(p.b.spare_buffers(), 0);
 }
 
 #[test]

@@ -1051,6 +1051,12 @@ impl Session {
         }
     }
 
+    /// Emptied buffers waiting to carry the next Data events (at most
+    /// [`MAX_SPARE_BUFFERS`]).
+    pub fn spare_buffers(&self) -> usize {
+        self.spare.len()
+    }
+
     /// The application has processed `n` bytes of `ch`: the peer may send that much more.
     pub fn consumed(&mut self, now: Instant, ch: u32, n: usize) {
         let Ok(e) = self.est() else { return };
