@@ -390,7 +390,7 @@ fn nat_relay_refuses_hijack_survives_flood_and_sees_only_ciphertext() {
         chat(&mut p, &format!("{secret}-{i}"));
         std::thread::sleep(Duration::from_millis(300));
     }
-    let lid = peer_id(&lhome.to_string_lossy());
+    let lid = peer_id(&lhome);
     let chome = lab.home("con2");
     let (okay, out, err) = lab.output(
         &lab.sides[1].host,

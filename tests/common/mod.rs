@@ -21,8 +21,8 @@ pub fn qssh(home: &Path) -> Command {
 }
 
 /// The peer ID of the identity in `home` (created if missing).
-pub fn peer_id(home: &Path) -> String {
-    let out = qssh(home).arg("id").output().unwrap();
+pub fn peer_id(home: impl AsRef<Path>) -> String {
+    let out = qssh(home.as_ref()).arg("id").output().unwrap();
     assert!(out.status.success(), "qssh id failed");
     String::from_utf8(out.stdout)
         .unwrap()

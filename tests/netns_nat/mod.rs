@@ -29,8 +29,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+#[path = "../common/mod.rs"]
+mod common;
 #[path = "../support/gate.rs"]
 mod gate;
+pub use common::{peer_id, BIN};
 use gate::run_quiet;
 #[allow(unused_imports)] // each test file uses a different subset
 pub use gate::{run, skip_or_fail, REQUIRE_ENV};
@@ -79,8 +82,6 @@ pub fn punchable(a: Nat, b: Nat) -> bool {
     )
 }
 
-/// The qssh binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_qssh");
 /// The relay's UDP port in the lab (`qssh relay`'s default).
 pub const RELAY_PORT: &str = "22224";
 /// Bound on any single expected line of a lab process.
@@ -97,23 +98,6 @@ pub fn ok<T>(r: Result<T, String>, p: &mut Proc) -> T {
             panic!("{e}\nstderr of {}:\n{err}\nstdout:\n{out}", p.what)
         }
     }
-}
-
-/// The peer ID of the identity in `home` (created if missing).
-pub fn peer_id(home: &str) -> String {
-    let out = Command::new(BIN)
-        .env("QSSH_HOME", home)
-        .env_remove("QSSH_LOG")
-        .arg("id")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "qssh id failed");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Root and the lab tools (scripts/ci-deps.sh installs them).
