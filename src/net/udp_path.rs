@@ -241,4 +241,42 @@ mod tests {
             assert!(r.iter().all(|&x| x == i as u8));
         }
     }
+
+    /// Receive buffers cost nothing before the first datagram, start at one and double each
+    /// time a batch fills them all, up to `BATCH_SIZE`; every datagram still arrives.
+    #[tokio::test]
+    async fn receive_buffers_grow_with_the_traffic_and_stay_bounded() {
+        let b = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut rb = b.recv_buffers();
+        assert!(rb.bufs.is_empty(), "allocated before any traffic");
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Strictly growing sizes: GRO never joins two of them into one buffer.
+        let count = 4 * BATCH_SIZE;
+        for i in 0..count {
+            sender
+                .send_to(&vec![7u8; 10 + i], b.local_addr().unwrap())
+                .unwrap();
+        }
+        let mut sizes = Vec::new();
+        let mut got = 0;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got < count {
+            let n = tokio::time::timeout_at(deadline, b.recv_batch(&mut rb))
+                .await
+                .expect("datagrams within 5 s")
+                .unwrap();
+            got += n;
+            sizes.push(rb.bufs.len());
+        }
+        assert_eq!(got, count);
+        assert_eq!(sizes[0], 2, "one buffer first, filled, then two: {sizes:?}");
+        // Each batch keeps the set or doubles it, never past BATCH_SIZE.
+        assert!(
+            sizes
+                .windows(2)
+                .all(|w| w[1] == w[0] || w[1] == (2 * w[0]).min(BATCH_SIZE)),
+            "{sizes:?}"
+        );
+        assert_eq!(*sizes.last().unwrap(), BATCH_SIZE, "{sizes:?}");
+    }
 }
