@@ -15,10 +15,14 @@
 //! flight. Senders rotate on the schedule of `DatagramSender::needs_rotation` (packets and
 //! time). Wire formats and the path rules are in docs/vpn.md.
 //!
-//! Tasks per tunnel: one TUN reader (batches of up to 128 packets, GSO-split by tun-rs with
-//! offload), one UDP reader (recvmmsg/GRO); per peer: one channel reader and one control task
-//! (epochs, path probes and keepalives, key expiry). Nothing here parses wire bytes itself:
-//! that is `core::vpn` and `core::datagram`.
+//! Per tunnel, one packet thread ([`PacketThread`]) waits on the TUN and the direct UDP
+//! socket with epoll: it reads the TUN in batches of up to 128 packets (GSO-split by tun-rs
+//! with offload) and sends each packet on, and it reads the UDP socket (recvmmsg/GRO) and
+//! writes what opens to the TUN, with no async runtime in between. Async tasks, per peer: one
+//! channel reader (packets that came over the session) and one control task (epochs, path
+//! probes and keepalives, key expiry); per tunnel, one reader of the records that arrive on
+//! the NAT traversal socket. Nothing here parses wire bytes itself: that is `core::vpn` and
+//! `core::datagram`.
 
 use super::dial::{dial_with, resolve_target, ConnectError, DialOptions, Transport};
 use super::router::{route, ChannelEvent, ChannelSender, Incoming, RouterHandle};
@@ -39,14 +43,18 @@ use crate::core::vpn::{
 use crate::net::tcp::SessionHandle;
 use crate::net::tun::{Tun, TunConfig, TunError};
 use crate::net::udp::UdpMux;
-use crate::net::udp_path::{records, MuxPath, PacketPath, UdpLink};
+use crate::net::udp_path::{records, MuxPath, PacketPath, RecvBuffers, UdpLink};
 use anyhow::{Context, Result};
+use rustix::event::epoll;
 use std::collections::HashMap;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -65,6 +73,8 @@ const CONTROL_TICK: Duration = Duration::from_secs(1);
 const TUN_BATCH_FREE: usize = 64;
 /// Bytes of packets framed into one channel send on the TCP path.
 const TCP_BATCH_BYTES: usize = 256 * 1024;
+/// How long closing a tunnel waits for its packet thread to let go of it.
+const PACKET_THREAD_STOP: Duration = Duration::from_secs(1);
 
 /// Local VPN configuration (command line).
 #[derive(Debug, Clone)]
@@ -104,6 +114,8 @@ pub enum VpnSetupError {
     Refused(String),
     #[error("VPN protocol error: {0}")]
     Protocol(String),
+    #[error("cannot start the VPN's packet thread: {0} (the system is out of threads or file descriptors)")]
+    Thread(String),
 }
 
 impl VpnOptions {
@@ -178,6 +190,10 @@ struct Peer {
     /// the NAT traversal socket routes): authentic records do not move it.
     fixed_endpoint: bool,
     link: Option<Arc<dyn PacketPath>>,
+    /// On a direct link: a socket connected to the peer's endpoint, made by the packet
+    /// thread once records arrive from there ([`UdpLink::connected`]). It closes with the
+    /// peer.
+    socket: Mutex<Option<Arc<UdpLink>>>,
     ctl: mpsc::UnboundedSender<Ctl>,
     stats: PeerStats,
 }
@@ -296,18 +312,17 @@ impl TunWriter {
     fn commit(&mut self) {
         self.n += 1;
     }
-    async fn flush(&mut self, t: &Tunnel) {
+    fn flush(&mut self, t: &Tunnel) {
         let result = match self.n {
             0 => return,
             // One packet: one write. Its headroom is a zeroed virtio-net header when offload
             // is on ("no offload needed"), nothing otherwise.
-            1 => t.tun.dev.send(&self.bufs[0]).await.map(drop),
+            1 => t.tun.dev.send(&self.bufs[0]).map(drop),
             n => {
                 let gro = self.gro.get_or_insert_with(Box::default);
                 t.tun
                     .dev
                     .send_multiple(gro, &mut self.bufs[..n], self.headroom)
-                    .await
                     .map(drop)
             }
         };
@@ -387,61 +402,56 @@ impl Tunnel {
         }
     }
 
-    /// The incoming-record hook: datagram records received from `from` (several of `stride`
-    /// bytes each with GRO). Records for unknown sessions and records that fail any check
-    /// are dropped and counted; authentic packets are written to the TUN.
-    pub async fn handle_records(&self, from: SocketAddr, buf: &[u8], stride: usize) {
-        let mut w = TunWriter::new(self.headroom);
-        self.records_to_tun(from, buf, stride, &mut w, &mut None)
-            .await;
-        w.flush(self).await;
-    }
-
-    /// [`Self::handle_records`] with the caller's reusable batch state (the UDP reader's);
-    /// full GRO batches are written on the way, the rest stays for the caller's flush.
-    async fn records_to_tun(
+    /// Opens datagram records received from `from` (several of `stride` bytes each with
+    /// GRO) into the TUN batch `w`: records for unknown sessions and records that fail any
+    /// check are dropped and counted. Full GRO batches are written on the way, the rest
+    /// stays for the caller's flush. With `learned`, each peer heard from is noted once.
+    fn records_to_tun(
         &self,
         from: SocketAddr,
         buf: &[u8],
         stride: usize,
         w: &mut TunWriter,
         cache: &mut Option<(u32, Arc<Peer>)>,
+        mut learned: Option<&mut Vec<(Arc<Peer>, SocketAddr)>>,
     ) {
         for rec in records(buf, stride) {
-            self.open_record(from, rec, w, cache);
+            let peer = self.open_record(from, rec, w, cache);
+            if let (Some(p), Some(l)) = (peer, learned.as_deref_mut()) {
+                if !l.iter().any(|(q, f)| Arc::ptr_eq(q, &p) && *f == from) {
+                    l.push((p, from));
+                }
+            }
             // GRO coalescing works on batches of this size.
             if w.n >= IDEAL_BATCH_SIZE {
-                w.flush(self).await;
+                w.flush(self);
             }
         }
     }
 
+    /// Opens one record into the TUN batch; returns its peer if the record was authentic.
     fn open_record(
         &self,
         from: SocketAddr,
         rec: &[u8],
         w: &mut TunWriter,
         cache: &mut Option<(u32, Arc<Peer>)>,
-    ) {
-        let Some(session) = peek_receiver_session(rec) else {
-            return;
-        };
+    ) -> Option<Arc<Peer>> {
+        let session = peek_receiver_session(rec)?;
         let peer = match cache {
             Some((s, p)) if *s == session => p.clone(),
-            _ => match self.peer_by_session(session) {
-                Some(p) => {
-                    *cache = Some((session, p.clone()));
-                    p
-                }
-                None => return,
-            },
+            _ => {
+                let p = self.peer_by_session(session)?;
+                *cache = Some((session, p.clone()));
+                p
+            }
         };
         let now = Instant::now();
         let buf = w.slot();
         let start = buf.len();
         let opened = peer.rx.lock().expect("rx lock").open(now, rec, buf).is_ok();
         if !opened {
-            return;
+            return None;
         }
         // Authentic: this is where the peer is (it may have roamed).
         if !peer.fixed_endpoint {
@@ -462,174 +472,86 @@ impl Tunnel {
             peer.now_udp(now);
         }
         let pkt = &w.bufs[w.n][start..];
-        if pkt.is_empty() {
-            return; // keepalive
-        }
-        if self.admit(&peer, pkt) {
+        // Empty: a keepalive.
+        if !pkt.is_empty() && self.admit(&peer, pkt) {
             peer.stats.rx_udp.fetch_add(1, Ordering::Relaxed);
             w.commit();
         }
+        Some(peer)
     }
 
-    /// Reads the TUN and sends every packet to its peer, until the TUN fails.
-    async fn tun_reader(self: Arc<Self>) {
-        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
-        let size = usize::from(self.mtu).max(1500) + 64;
-        let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; size]).collect();
-        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-        let mut out = Vec::with_capacity(256 * 1024);
-        let mut groups: Vec<(Arc<Peer>, Vec<usize>)> = Vec::new();
-        loop {
-            let mut filled = match self
-                .tun
-                .dev
-                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-                .await
-            {
-                Ok(n) => n,
+    /// Reads what the TUN holds (up to a batch) and sends every packet to its peer. Returns
+    /// false when the TUN failed.
+    fn read_tun(&self, rt: &Handle, r: &mut TunReader) -> bool {
+        let mut filled = 0;
+        while filled + TUN_BATCH_FREE <= IDEAL_BATCH_SIZE {
+            match self.tun.dev.recv_multiple(
+                &mut r.original,
+                &mut r.bufs[filled..],
+                &mut r.sizes[filled..],
+                0,
+            ) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!(tun = %self.tun.name, "TUN read failed: {e}");
-                    return;
+                    return false;
                 }
-            };
-            while filled + TUN_BATCH_FREE <= IDEAL_BATCH_SIZE {
-                match self.tun.dev.try_recv_multiple(
-                    &mut original,
-                    &mut bufs[filled..],
-                    &mut sizes[filled..],
-                    0,
-                ) {
-                    Ok(n) => filled += n,
-                    Err(_) => break,
-                }
-            }
-            groups.clear();
-            {
-                let table = self.peers.read().expect("peers lock");
-                for i in 0..filled {
-                    let pkt = &bufs[i][..sizes[i]];
-                    let Ok((src, dst)) = ip_addresses(pkt) else {
-                        continue;
-                    };
-                    if is_local_only(src) {
-                        self.stats.local_only.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    match table.lookup(dst) {
-                        Some(p) => match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, p)) {
-                            Some((_, v)) => v.push(i),
-                            None => groups.push((p.clone(), vec![i])),
-                        },
-                        None => {
-                            self.stats.no_peer.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-            for (peer, idx) in groups.drain(..) {
-                let pkts: Vec<&[u8]> = idx.iter().map(|&i| &bufs[i][..sizes[i]]).collect();
-                self.send_packets(&peer, &pkts, &mut out).await;
             }
         }
+        r.groups.clear();
+        {
+            let table = self.peers.read().expect("peers lock");
+            for i in 0..filled {
+                let pkt = &r.bufs[i][..r.sizes[i]];
+                let Ok((src, dst)) = ip_addresses(pkt) else {
+                    continue;
+                };
+                if is_local_only(src) {
+                    self.stats.local_only.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                match table.lookup(dst) {
+                    Some(p) => match r.groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, p)) {
+                        Some((_, v)) => v.push(i),
+                        None => r.groups.push((p.clone(), vec![i])),
+                    },
+                    None => {
+                        self.stats.no_peer.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        for (peer, idx) in r.groups.drain(..) {
+            let pkts: Vec<&[u8]> = idx.iter().map(|&i| &r.bufs[i][..r.sizes[i]]).collect();
+            send_packets(rt, &peer, &pkts, &mut r.out);
+        }
+        true
     }
 
-    /// Sends packets to `peer`: sealed datagram records over UDP when that path is up,
-    /// PACKET messages on the VPN channel otherwise (and for whatever cannot be sealed).
-    async fn send_packets(&self, peer: &Peer, pkts: &[&[u8]], out: &mut Vec<u8>) {
-        let mut rest = pkts;
-        if peer.udp_on.load(Ordering::Relaxed) {
-            let dest = *peer.endpoint.lock().expect("endpoint lock");
-            if let (Some(dest), Some(link)) = (dest, peer.link.as_ref()) {
-                let now = Instant::now();
-                out.clear();
-                // Runs of equal-sized records (the last of a run may be shorter): one GSO
-                // send each.
-                let mut runs: Vec<(usize, usize)> = Vec::new(); // (end, stride)
-                let mut run_open = false;
-                let mut sealed = 0;
-                {
-                    let mut tx = peer.tx.lock().expect("tx lock");
-                    peer.maybe_rotate(&mut tx, now);
-                    for pkt in pkts {
-                        let before = out.len();
-                        if tx.seal(now, pkt, out).is_err() {
-                            break;
-                        }
-                        sealed += 1;
-                        let len = out.len() - before;
-                        match runs.last_mut() {
-                            Some((end, stride)) if run_open && len <= *stride => {
-                                *end = out.len();
-                                run_open = len == *stride;
-                            }
-                            _ => {
-                                runs.push((out.len(), len));
-                                run_open = true;
-                            }
-                        }
-                    }
-                }
-                let mut start = 0;
-                for (end, stride) in runs {
-                    if let Err(e) = link.send_records(dest, &out[start..end], stride).await {
-                        peer.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
-                        debug!(peer = %peer.label, "UDP send failed: {e}");
-                    }
-                    start = end;
-                }
-                if sealed > 0 {
-                    peer.stats
-                        .tx_udp
-                        .fetch_add(sealed as u64, Ordering::Relaxed);
-                    peer.path.lock().expect("path lock").on_sent(now);
-                }
-                rest = &pkts[sealed..];
+    /// Receives the datagram records waiting on `link` and writes what opens to the TUN.
+    fn read_udp(
+        &self,
+        link: &UdpLink,
+        rb: &mut RecvBuffers,
+        w: &mut TunWriter,
+        cache: &mut Option<(u32, Arc<Peer>)>,
+        mut learned: Option<&mut Vec<(Arc<Peer>, SocketAddr)>>,
+    ) {
+        let n = match link.try_recv_batch(rb) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                debug!("UDP receive failed: {e}");
+                return;
             }
+        };
+        for i in 0..n {
+            let (from, payload, stride) = rb.get(i);
+            self.records_to_tun(from, payload, stride, w, cache, learned.as_deref_mut());
         }
-        if rest.is_empty() {
-            return;
-        }
-        out.clear();
-        for pkt in rest {
-            VpnMessage::Packet(pkt).encode(out);
-            if out.len() >= TCP_BATCH_BYTES {
-                match peer.chan.send(std::mem::take(out)).await {
-                    Ok(back) => *out = back,
-                    Err(_) => return,
-                }
-            }
-        }
-        if !out.is_empty() {
-            match peer.chan.send(std::mem::take(out)).await {
-                Ok(back) => *out = back,
-                Err(_) => return,
-            }
-        }
-        peer.stats
-            .tx_tcp
-            .fetch_add(rest.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Receives datagram records on `link` until it fails.
-    async fn udp_reader(self: Arc<Self>, link: Arc<UdpLink>) {
-        let mut rb = link.recv_buffers();
-        let mut w = TunWriter::new(self.headroom);
-        let mut cache = None;
-        loop {
-            let n = match link.recv_batch(&mut rb).await {
-                Ok(n) => n,
-                Err(e) => {
-                    warn!("UDP receive failed: {e}");
-                    return;
-                }
-            };
-            for i in 0..n {
-                let (from, payload, stride) = rb.get(i);
-                self.records_to_tun(from, payload, stride, &mut w, &mut cache)
-                    .await;
-            }
-            w.flush(&self).await;
-        }
+        w.flush(self);
     }
 
     /// Receives datagram records from the NAT traversal socket ([`UdpMux::datagrams`]) until
@@ -638,18 +560,16 @@ impl Tunnel {
         let mut w = TunWriter::new(self.headroom);
         let mut cache = None;
         while let Some((from, rec)) = rx.recv().await {
-            self.records_to_tun(from, &rec, rec.len(), &mut w, &mut cache)
-                .await;
+            self.records_to_tun(from, &rec, rec.len(), &mut w, &mut cache, None);
             let mut more = 0;
             while more < IDEAL_BATCH_SIZE {
                 let Ok((from, rec)) = rx.try_recv() else {
                     break;
                 };
-                self.records_to_tun(from, &rec, rec.len(), &mut w, &mut cache)
-                    .await;
+                self.records_to_tun(from, &rec, rec.len(), &mut w, &mut cache, None);
                 more += 1;
             }
-            w.flush(&self).await;
+            w.flush(&self);
         }
     }
 
@@ -665,7 +585,7 @@ impl Tunnel {
         for pkt in &early {
             self.deliver(&peer, pkt, &mut w);
         }
-        w.flush(&self).await;
+        w.flush(&self);
         let mut deframer = Deframer::default();
         loop {
             let data = match events.recv().await {
@@ -686,7 +606,7 @@ impl Tunnel {
                 }
                 Ok(())
             });
-            w.flush(&self).await;
+            w.flush(&self);
             peer.chan.consumed_buffer(data.len(), data);
             if let Err(e) = r {
                 peer.chan.close(CloseCode::Protocol, &e.to_string());
@@ -699,6 +619,286 @@ impl Tunnel {
 fn path_news(peer: &Peer, news: PathNews) {
     peer.path.lock().expect("path lock").on_news(news);
     peer.now_udp(Instant::now());
+}
+
+/// Sends packets read from the TUN to `peer`: sealed datagram records over UDP when that
+/// path is up, PACKET messages on the VPN channel otherwise (and for whatever cannot be
+/// sealed). A direct socket is written right here on the packet thread; the session's path
+/// and the channel belong to the async runtime, which this thread waits on through `rt`
+/// (so a full session still holds the TUN reader back, as flow control should).
+fn send_packets(rt: &Handle, peer: &Peer, pkts: &[&[u8]], out: &mut Vec<u8>) {
+    let mut rest = pkts;
+    if peer.udp_on.load(Ordering::Relaxed) {
+        let dest = *peer.endpoint.lock().expect("endpoint lock");
+        if let (Some(dest), Some(link)) = (dest, peer.link.as_ref()) {
+            let now = Instant::now();
+            out.clear();
+            // Runs of equal-sized records (the last of a run may be shorter): one GSO send
+            // each.
+            let mut runs: Vec<(usize, usize)> = Vec::new(); // (end, stride)
+            let mut run_open = false;
+            let mut sealed = 0;
+            {
+                let mut tx = peer.tx.lock().expect("tx lock");
+                peer.maybe_rotate(&mut tx, now);
+                for pkt in pkts {
+                    let before = out.len();
+                    if tx.seal(now, pkt, out).is_err() {
+                        break;
+                    }
+                    sealed += 1;
+                    let len = out.len() - before;
+                    match runs.last_mut() {
+                        Some((end, stride)) if run_open && len <= *stride => {
+                            *end = out.len();
+                            run_open = len == *stride;
+                        }
+                        _ => {
+                            runs.push((out.len(), len));
+                            run_open = true;
+                        }
+                    }
+                }
+            }
+            let connected = peer
+                .socket
+                .lock()
+                .expect("socket lock")
+                .clone()
+                .filter(|s| s.peer() == Some(dest));
+            let mut start = 0;
+            for (end, stride) in runs {
+                let batch = &out[start..end];
+                let sent = match (connected.as_deref(), link.direct()) {
+                    (Some(udp), _) | (None, Some(udp)) => {
+                        udp.send_records_blocking(dest, batch, stride)
+                    }
+                    (None, None) => rt.block_on(link.send_records(dest, batch, stride)),
+                };
+                if let Err(e) = sent {
+                    peer.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(peer = %peer.label, "UDP send failed: {e}");
+                }
+                start = end;
+            }
+            if sealed > 0 {
+                peer.stats
+                    .tx_udp
+                    .fetch_add(sealed as u64, Ordering::Relaxed);
+                peer.path.lock().expect("path lock").on_sent(now);
+            }
+            rest = &pkts[sealed..];
+        }
+    }
+    if rest.is_empty() {
+        return;
+    }
+    out.clear();
+    for (i, pkt) in rest.iter().enumerate() {
+        VpnMessage::Packet(pkt).encode(out);
+        if out.len() >= TCP_BATCH_BYTES || i + 1 == rest.len() {
+            match rt.block_on(peer.chan.send(std::mem::take(out))) {
+                Ok(back) => *out = back,
+                Err(_) => return,
+            }
+        }
+    }
+    peer.stats
+        .tx_tcp
+        .fetch_add(rest.len() as u64, Ordering::Relaxed);
+}
+
+/// The packet thread's reusable TUN read state.
+struct TunReader {
+    /// One read with offload: a virtio-net header and a super-packet of up to 64 KiB.
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Sealed records, or PACKET messages for the channel.
+    out: Vec<u8>,
+    groups: Vec<(Arc<Peer>, Vec<usize>)>,
+}
+
+impl TunReader {
+    fn new(mtu: u16) -> TunReader {
+        let size = usize::from(mtu).max(1500) + 64;
+        TunReader {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
+            bufs: (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; size]).collect(),
+            sizes: vec![0usize; IDEAL_BATCH_SIZE],
+            out: Vec::with_capacity(TCP_BATCH_BYTES),
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// A tunnel's packet thread: it reads the TUN and the direct UDP socket, waiting on both
+/// with one epoll, and sends on the direct socket itself, so no async runtime stands
+/// between a packet and its system calls (the shape of boringtun's and wireguard-go's
+/// loops; tokio's wake-ups there cost a VPN peer tens of microseconds per packet, see
+/// docs/vpn.md). The thread ends when the TUN fails or this handle goes.
+struct PacketThread {
+    /// Write end of a pipe whose read end the thread waits on: closing it wakes the thread.
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PacketThread {
+    /// Starts the thread for `tunnel` with `link`, the direct UDP socket if there is one.
+    /// Must be called inside the tokio runtime that runs the sessions.
+    fn start(tunnel: Arc<Tunnel>, link: Option<Arc<UdpLink>>) -> io::Result<PacketThread> {
+        let rt = Handle::current();
+        let (stop_rx, stop_tx) = rustix::pipe::pipe()?;
+        let thread = std::thread::Builder::new()
+            .name("qssh-vpn-packets".into())
+            .spawn(move || tunnel.packet_loop(&rt, link.as_deref(), &stop_rx))?;
+        Ok(PacketThread {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits, at most [`PACKET_THREAD_STOP`], until it has let go of
+    /// the tunnel (the runtime keeps running meanwhile: the thread may be waiting on it).
+    async fn stop(mut self) {
+        self.stop.take();
+        let deadline = Instant::now() + PACKET_THREAD_STOP;
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Tunnel {
+    /// The packet thread's loop (see [`PacketThread`]).
+    fn packet_loop(&self, rt: &Handle, link: Option<&UdpLink>, stop: &OwnedFd) {
+        // Registered once (level-triggered), so a wake-up costs one epoll_wait.
+        let ep = (|| {
+            let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+            watch(&ep, stop, STOP)?;
+            watch(&ep, &self.tun.dev, TUN)?;
+            if let Some(l) = link {
+                watch(&ep, l, UDP)?;
+            }
+            rustix::io::Result::Ok(ep)
+        })();
+        let ep = match ep {
+            Ok(ep) => ep,
+            Err(e) => {
+                warn!(tun = %self.tun.name, "VPN packet thread: cannot set up epoll: {e}");
+                return;
+            }
+        };
+        let mut reader = TunReader::new(self.mtu);
+        let mut rb = link.map(UdpLink::recv_buffers);
+        let mut w = TunWriter::new(self.headroom);
+        let mut cache = None;
+        // Sockets connected to one peer each (token PEER_SOCKETS + index); the peer owns
+        // the socket, so it closes (and leaves the epoll set) when the peer goes.
+        let mut sockets: Vec<Weak<UdpLink>> = Vec::new();
+        let mut learned = Vec::new();
+        let none = epoll::Event {
+            flags: epoll::EventFlags::empty(),
+            data: epoll::EventData::new_u64(STOP),
+        };
+        let mut events = [none; 8];
+        loop {
+            let n = match epoll::wait(&ep, &mut events, None) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    warn!(tun = %self.tun.name, "VPN packet thread: epoll failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data.u64() {
+                    STOP => return,
+                    TUN => {
+                        if !self.read_tun(rt, &mut reader) {
+                            return;
+                        }
+                    }
+                    token => {
+                        let (Some(main), Some(rb)) = (link, rb.as_mut()) else {
+                            continue;
+                        };
+                        if token == UDP {
+                            self.read_udp(main, rb, &mut w, &mut cache, Some(&mut learned));
+                            for (peer, from) in learned.drain(..) {
+                                connect_peer(&ep, main, &peer, from, &mut sockets);
+                            }
+                        } else if let Some(sock) = usize::try_from(token - PEER_SOCKETS)
+                            .ok()
+                            .and_then(|i| sockets.get(i))
+                            .and_then(Weak::upgrade)
+                        {
+                            self.read_udp(&sock, rb, &mut w, &mut cache, None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packet thread epoll tokens.
+const STOP: u64 = 0;
+const TUN: u64 = 1;
+const UDP: u64 = 2;
+const PEER_SOCKETS: u64 = 3;
+
+fn watch(ep: &OwnedFd, fd: &impl AsFd, token: u64) -> rustix::io::Result<()> {
+    epoll::add(
+        ep,
+        fd,
+        epoll::EventData::new_u64(token),
+        epoll::EventFlags::IN,
+    )
+}
+
+/// Gives `peer`, just heard from `from` on the main socket of a direct link, a socket
+/// connected to `from` (unless it has one already), watched by the packet thread.
+fn connect_peer(
+    ep: &OwnedFd,
+    main: &UdpLink,
+    peer: &Peer,
+    from: SocketAddr,
+    sockets: &mut Vec<Weak<UdpLink>>,
+) {
+    if peer.link.as_ref().and_then(|l| l.direct()).is_none() {
+        return;
+    }
+    let mut current = peer.socket.lock().expect("socket lock");
+    if current.as_ref().is_some_and(|s| s.peer() == Some(from)) {
+        return;
+    }
+    let sock = match main.connected(from) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            debug!(peer = %peer.label, %from, "no connected UDP socket: {e}");
+            return;
+        }
+    };
+    let i = sockets
+        .iter()
+        .position(|w| w.strong_count() == 0)
+        .unwrap_or_else(|| {
+            sockets.push(Weak::new());
+            sockets.len() - 1
+        });
+    if let Err(e) = watch(ep, &*sock, PEER_SOCKETS + i as u64) {
+        debug!(peer = %peer.label, "cannot watch the connected UDP socket: {e}");
+        return;
+    }
+    sockets[i] = Arc::downgrade(&sock);
+    // A socket connected to an earlier address closes here.
+    *current = Some(sock);
 }
 
 /// Sends one empty datagram record (probe or keepalive) if the path has a destination.
@@ -853,6 +1053,7 @@ fn build_peer(s: PeerSetup) -> (Arc<Peer>, mpsc::UnboundedReceiver<Ctl>) {
         endpoint: Mutex::new(s.endpoint),
         fixed_endpoint: s.fixed_endpoint,
         link: s.link,
+        socket: Mutex::new(None),
         ctl: ctl_tx,
         stats: PeerStats::default(),
     });
@@ -883,6 +1084,8 @@ pub struct VpnServer {
     /// The listener's NAT traversal socket, for peers whose session runs over QUIC on it.
     mux: Mutex<Option<Arc<MuxPath>>>,
     tasks: Mutex<JoinSet<()>>,
+    /// Runs as long as the listener.
+    _packets: PacketThread,
 }
 
 impl VpnServer {
@@ -906,11 +1109,8 @@ impl VpnServer {
             .as_ref()
             .and_then(|l| l.local_addr().ok())
             .map_or(0, |a| a.port());
-        let mut tasks = JoinSet::new();
-        tasks.spawn(tunnel.clone().tun_reader());
-        if let Some(l) = &link {
-            tasks.spawn(tunnel.clone().udp_reader(l.clone()));
-        }
+        let packets = PacketThread::start(tunnel.clone(), link.clone())
+            .map_err(|e| VpnSetupError::Thread(e.to_string()))?;
         eprintln!(
             "vpn: interface {} up with {} (MTU {}){}",
             tunnel.name(),
@@ -928,7 +1128,8 @@ impl VpnServer {
             link,
             udp_port,
             mux: Mutex::new(None),
-            tasks: Mutex::new(tasks),
+            tasks: Mutex::new(JoinSet::new()),
+            _packets: packets,
         }))
     }
 
@@ -1373,16 +1574,17 @@ pub async fn connect(
     }
     // The data path first: packets queued in the TUN go out (over the channel: the UDP path
     // needs a round trip more) before anything else is set up or printed.
-    tasks.spawn(tunnel.clone().tun_reader());
+    let packets = PacketThread::start(
+        tunnel.clone(),
+        spare_link.clone().filter(|_| session_path.is_none()),
+    )
+    .map_err(|e| VpnSetupError::Thread(e.to_string()))?;
     let reader = tokio::spawn(tunnel.clone().channel_reader(
         peer.clone(),
         events,
         std::mem::take(&mut early),
     ));
     tasks.spawn(control(peer.clone(), ctl_rx));
-    if let (Some(l), None) = (&spare_link, &session_path) {
-        tasks.spawn(tunnel.clone().udp_reader(l.clone()));
-    }
     let up = format!(
         "vpn: interface {} up with {} (MTU {}), peer {} at {}{}{}\n",
         tunnel.name(),
@@ -1474,6 +1676,7 @@ pub async fn connect(
     .await;
     reader.abort();
     tasks.shutdown().await;
+    packets.stop().await;
     drop(peer);
     let name = tunnel.name().to_string();
     drop(tunnel);

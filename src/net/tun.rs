@@ -23,7 +23,7 @@ use std::io;
 use std::net::IpAddr;
 use std::process::Command;
 use thiserror::Error;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{DeviceBuilder, SyncDevice};
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME: usize = 15;
@@ -73,9 +73,11 @@ pub struct TunConfig {
     pub offload: bool,
 }
 
-/// A TUN interface, up and configured. Dropping it deletes the interface and its routes.
+/// A TUN interface, up and configured, its descriptor non-blocking (the VPN's packet thread
+/// waits on it with epoll; writes to a TUN never wait). Dropping it deletes the interface
+/// and its routes.
 pub struct Tun {
-    pub dev: AsyncDevice,
+    pub dev: SyncDevice,
     pub name: String,
     pub offload: bool,
 }
@@ -92,8 +94,7 @@ pub fn valid_ifname(name: &str) -> bool {
 }
 
 impl Tun {
-    /// Creates the interface, sets its addresses and MTU, and brings it up. Must be called
-    /// inside a tokio runtime.
+    /// Creates the interface, sets its addresses and MTU, and brings it up.
     pub fn create(cfg: &TunConfig) -> Result<Tun, TunError> {
         let name = cfg
             .name
@@ -114,8 +115,14 @@ impl Tun {
         }
         let dev = b
             .enable(true)
-            .build_async()
+            .build_sync()
             .map_err(|e| classify(e, &name))?;
+        dev.set_nonblocking(true)
+            .map_err(|source| TunError::Configure {
+                name: name.clone(),
+                what: "make it non-blocking".into(),
+                source,
+            })?;
         let name = dev.name().map_err(|source| TunError::Configure {
             name: name.clone(),
             what: "read its name".into(),

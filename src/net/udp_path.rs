@@ -3,20 +3,24 @@
 //! [`PacketPath`] is what the VPN needs from any UDP link: send a batch of records to an
 //! address. [`UdpLink`] implements it over one plain UDP socket, with quinn's socket layer
 //! (`quinn-udp`): UDP GSO sends up to 64 equal-sized records in one `sendmsg`, recvmmsg and
-//! UDP GRO receive many per system call. [`MuxPath`] implements it over the NAT traversal
-//! socket ([`UdpMux`]: one socket demultiplexed by first byte, STUN and QUIC beside qssh
-//! records), sending to a peer's virtual address so each record follows the session's
-//! current path (direct once punched, else through the relay); records arriving there
-//! (first byte 0x05) come out of [`UdpMux::datagrams`] and go to the VPN's incoming-record
-//! hook (`app::vpn::Tunnel::handle_records`).
+//! UDP GRO receive many per system call. A `UdpLink` is not registered with the async
+//! runtime: the VPN's packet thread (`app::vpn`) waits on it with epoll and uses it
+//! without tokio in between, as boringtun's and wireguard-go's packet loops do.
+//! [`MuxPath`] implements it over the NAT traversal socket ([`UdpMux`]: one socket
+//! demultiplexed by first byte, STUN and QUIC beside qssh records), sending to a peer's
+//! virtual address so each record follows the session's current path (direct once punched,
+//! else through the relay); records arriving there (first byte 0x05) come out of
+//! [`UdpMux::datagrams`] and go to the VPN's incoming-record hook.
 
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use std::time::Duration;
 
 use super::udp::UdpMux;
 
@@ -27,6 +31,9 @@ pub const MAX_UDP_PAYLOAD: usize = 65_535;
 /// Largest total payload of one GSO send: the kernel segments one UDP "super-datagram",
 /// whose length must fit the 16-bit IP/UDP length fields with headers.
 pub const MAX_GSO_BYTES: usize = 65_000;
+/// Longest wait for room in a full socket send buffer before a batch is given up (lost, as
+/// UDP may lose it).
+pub const UDP_SEND_WAIT: Duration = Duration::from_secs(1);
 
 /// Something that carries datagram records to a peer.
 pub trait PacketPath: Send + Sync {
@@ -39,24 +46,32 @@ pub trait PacketPath: Send + Sync {
         buf: &'a [u8],
         stride: usize,
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+
+    /// The plain socket under this path, when it is one: the packet thread sends on it
+    /// directly instead of through the async runtime.
+    fn direct(&self) -> Option<&UdpLink> {
+        None
+    }
 }
 
-/// One UDP socket with batched I/O.
+/// One UDP socket with batched I/O, non-blocking, outside the async runtime.
 pub struct UdpLink {
     sock: UdpSocket,
     state: UdpSocketState,
+    /// The peer this socket is connected to ([`UdpLink::connected`]).
+    peer: Option<SocketAddr>,
 }
 
-/// Reusable receive buffers for [`UdpLink::recv_batch`].
+/// Reusable receive buffers for [`UdpLink::try_recv_batch`].
 pub struct RecvBuffers {
-    /// Grown on demand up to `BATCH_SIZE` buffers of `size` bytes (see `recv_batch`).
+    /// Grown on demand up to `BATCH_SIZE` buffers of `size` bytes (see `try_recv_batch`).
     bufs: Vec<Vec<u8>>,
     size: usize,
     meta: Vec<RecvMeta>,
 }
 
 impl RecvBuffers {
-    /// Received buffer `i` (below what `recv_batch` returned): sender, payload, and the
+    /// Received buffer `i` (below what `try_recv_batch` returned): sender, payload, and the
     /// stride of the records in it (GRO: several records of `stride` bytes, the last maybe
     /// shorter; otherwise one record).
     pub fn get(&self, i: usize) -> (SocketAddr, &[u8], usize) {
@@ -68,22 +83,45 @@ impl RecvBuffers {
 }
 
 impl UdpLink {
-    /// Binds `addr` (use port 0 for any). Must be called inside a tokio runtime.
+    /// Binds `addr` (use port 0 for any). The port is then opened to sockets connected to
+    /// one peer each ([`UdpLink::connected`]); being bound first, it is one nobody else had.
     pub fn bind(addr: SocketAddr) -> io::Result<UdpLink> {
-        let std = std::net::UdpSocket::bind(addr)?;
-        std.set_nonblocking(true)?;
-        let state = UdpSocketState::new((&std).into())?;
+        let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        sock.bind(&addr.into())?;
+        sock.set_reuse_port(true)?;
+        UdpLink::new(sock.into(), None)
+    }
+
+    /// A socket on this one's address and port, connected to `peer`: the kernel gives it
+    /// the peer's datagrams (the connected socket matches first) and keeps the route of
+    /// both directions with it (a received datagram is matched to the socket early, with no
+    /// route lookup; a lone record goes out by `send`, without one either). Its peer sees
+    /// the same address and port as before.
+    pub fn connected(&self, peer: SocketAddr) -> io::Result<UdpLink> {
+        let local = self.local_addr()?;
+        let sock = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+        sock.set_reuse_port(true)?;
+        sock.bind(&local.into())?;
+        sock.connect(&peer.into())?;
+        UdpLink::new(sock.into(), Some(peer))
+    }
+
+    fn new(sock: UdpSocket, peer: Option<SocketAddr>) -> io::Result<UdpLink> {
+        sock.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&sock).into())?;
         // Best effort: bigger buffers absorb bursts (tunnels are loss-limited by them).
-        let _ = state.set_send_buffer_size((&std).into(), UDP_SOCKET_BUFFER);
-        let _ = state.set_recv_buffer_size((&std).into(), UDP_SOCKET_BUFFER);
-        Ok(UdpLink {
-            sock: UdpSocket::from_std(std)?,
-            state,
-        })
+        let _ = state.set_send_buffer_size((&sock).into(), UDP_SOCKET_BUFFER);
+        let _ = state.set_recv_buffer_size((&sock).into(), UDP_SOCKET_BUFFER);
+        Ok(UdpLink { sock, state, peer })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.sock.local_addr()
+    }
+
+    /// The peer this socket is connected to, if it is.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
     }
 
     /// Records one GSO send may carry.
@@ -100,34 +138,86 @@ impl UdpLink {
         }
     }
 
-    /// Waits for datagrams; returns how many buffers [`RecvBuffers::get`] now holds.
+    /// Takes what the socket holds without waiting (`WouldBlock` when it holds nothing);
+    /// returns how many buffers [`RecvBuffers::get`] now holds.
     ///
     /// The full set of buffers is about 3 MB with GRO, and allocating it zeroed costs
     /// milliseconds of page faults; a VPN peer used to pay that in front of its first
     /// packet. So there is one buffer at first, and the set doubles each time a batch fills
     /// every buffer there is, up to `BATCH_SIZE`.
-    pub async fn recv_batch(&self, rb: &mut RecvBuffers) -> io::Result<usize> {
-        let n = loop {
-            self.sock.readable().await?;
-            if rb.bufs.is_empty() {
-                rb.bufs.push(vec![0u8; rb.size]);
-            }
-            let mut slices: Vec<IoSliceMut<'_>> =
-                rb.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            let meta = &mut rb.meta[..slices.len()];
-            match self.sock.try_io(Interest::READABLE, || {
-                self.state.recv((&self.sock).into(), &mut slices, meta)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
+    pub fn try_recv_batch(&self, rb: &mut RecvBuffers) -> io::Result<usize> {
+        if rb.bufs.is_empty() {
+            rb.bufs.push(vec![0u8; rb.size]);
+        }
+        let mut slices: Vec<IoSliceMut<'_>> =
+            rb.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let meta = &mut rb.meta[..slices.len()];
+        let n = self.state.recv((&self.sock).into(), &mut slices, meta)?;
         if n == rb.bufs.len() && n < BATCH_SIZE {
             let more = n.min(BATCH_SIZE - n);
             rb.bufs.extend((0..more).map(|_| vec![0u8; rb.size]));
         }
         Ok(n)
+    }
+
+    /// Sends `buf` to `dest` as records of `stride` bytes in GSO batches, waiting (at most
+    /// [`UDP_SEND_WAIT`] each time) while the socket buffer is full. For the packet thread.
+    pub fn send_records_blocking(
+        &self,
+        dest: SocketAddr,
+        buf: &[u8],
+        stride: usize,
+    ) -> io::Result<()> {
+        if stride == 0 {
+            return Ok(());
+        }
+        if buf.len() <= stride && self.peer == Some(dest) {
+            // One record to the connected peer: no destination, so no route lookup.
+            loop {
+                match self.sock.send(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        wait_writable(self.sock.as_fd(), UDP_SEND_WAIT)?
+                    }
+                    r => return r.map(drop),
+                }
+            }
+        }
+        for t in gso_transmits(buf, stride, dest, self.max_segments(), 0) {
+            loop {
+                match self.state.send((&self.sock).into(), &t) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        wait_writable(self.sock.as_fd(), UDP_SEND_WAIT)?
+                    }
+                    r => break r?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for UdpLink {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+/// `d` as poll(2) takes it.
+pub fn timespec(d: Duration) -> Timespec {
+    Timespec {
+        tv_sec: d.as_secs() as _,
+        tv_nsec: d.subsec_nanos() as _,
+    }
+}
+
+/// Waits until `fd` can be written, at most `limit`.
+fn wait_writable(fd: BorrowedFd<'_>, limit: Duration) -> io::Result<()> {
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::OUT)];
+    match poll(&mut fds, Some(&timespec(limit))) {
+        Ok(0) => Err(io::ErrorKind::TimedOut.into()),
+        Ok(_) => Ok(()),
+        Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -152,25 +242,27 @@ pub fn gso_transmits(
 }
 
 impl PacketPath for UdpLink {
+    /// From async code (keepalives): never waits; a full socket buffer loses the records.
     fn send_records<'a>(
         &'a self,
         dest: SocketAddr,
         buf: &'a [u8],
         stride: usize,
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
-        Box::pin(async move {
+        let sent = (|| {
             if stride == 0 {
                 return Ok(());
             }
             for t in gso_transmits(buf, stride, dest, self.max_segments(), 0) {
-                self.sock
-                    .async_io(Interest::WRITABLE, || {
-                        self.state.try_send((&self.sock).into(), &t)
-                    })
-                    .await?;
+                self.state.send((&self.sock).into(), &t)?;
             }
             Ok(())
-        })
+        })();
+        Box::pin(std::future::ready(sent))
+    }
+
+    fn direct(&self) -> Option<&UdpLink> {
+        Some(self)
     }
 }
 
@@ -206,9 +298,22 @@ pub fn records(buf: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
-    #[tokio::test]
-    async fn batched_records_arrive_whole_and_in_order() {
+    /// Waits (until `deadline`) for `link` to be readable, then takes a batch.
+    fn recv_by(link: &UdpLink, rb: &mut RecvBuffers, deadline: Instant) -> usize {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(link, PollFlags::IN)];
+        assert_eq!(
+            poll(&mut fds, Some(&timespec(left))).unwrap(),
+            1,
+            "datagrams in time"
+        );
+        link.try_recv_batch(rb).unwrap()
+    }
+
+    #[test]
+    fn batched_records_arrive_whole_and_in_order() {
         let a = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let b = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let dest = b.local_addr().unwrap();
@@ -218,16 +323,13 @@ mod tests {
             buf.extend_from_slice(&[i; 100]);
         }
         buf.extend_from_slice(&[10; 7]);
-        a.send_records(dest, &buf, 100).await.unwrap();
+        a.send_records_blocking(dest, &buf, 100).unwrap();
         let mut rb = b.recv_buffers();
         let mut got: Vec<Vec<u8>> = Vec::new();
         let from = a.local_addr().unwrap();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while got.len() < 11 && tokio::time::Instant::now() < deadline {
-            let n = tokio::time::timeout_at(deadline, b.recv_batch(&mut rb))
-                .await
-                .expect("records within 5 s")
-                .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < 11 {
+            let n = recv_by(&b, &mut rb, deadline);
             for i in 0..n {
                 let (src, payload, stride) = rb.get(i);
                 assert_eq!(src, from);
@@ -244,8 +346,8 @@ mod tests {
 
     /// Receive buffers cost nothing before the first datagram, start at one and double each
     /// time a batch fills them all, up to `BATCH_SIZE`; every datagram still arrives.
-    #[tokio::test]
-    async fn receive_buffers_grow_with_the_traffic_and_stay_bounded() {
+    #[test]
+    fn receive_buffers_grow_with_the_traffic_and_stay_bounded() {
         let b = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut rb = b.recv_buffers();
         assert!(rb.bufs.is_empty(), "allocated before any traffic");
@@ -259,12 +361,9 @@ mod tests {
         }
         let mut sizes = Vec::new();
         let mut got = 0;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(5);
         while got < count {
-            let n = tokio::time::timeout_at(deadline, b.recv_batch(&mut rb))
-                .await
-                .expect("datagrams within 5 s")
-                .unwrap();
+            let n = recv_by(&b, &mut rb, deadline);
             got += n;
             sizes.push(rb.bufs.len());
         }
@@ -278,5 +377,38 @@ mod tests {
             "{sizes:?}"
         );
         assert_eq!(*sizes.last().unwrap(), BATCH_SIZE, "{sizes:?}");
+    }
+
+    /// A socket connected to one peer shares the main socket's port: that peer's
+    /// datagrams reach it (and it answers from the same port), everyone else's still reach
+    /// the main socket; closing it gives the peer back to the main socket.
+    #[test]
+    fn connected_socket_takes_its_peer_and_only_its_peer() {
+        let main = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = main.local_addr().unwrap();
+        let peer = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let other = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = main.connected(peer.local_addr().unwrap()).unwrap();
+        assert_eq!(conn.local_addr().unwrap(), port);
+        assert_eq!(conn.peer(), Some(peer.local_addr().unwrap()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let one = |from: &UdpLink, to: &UdpLink, what: &[u8]| {
+            from.send_records_blocking(port, what, what.len()).unwrap();
+            let mut rb = to.recv_buffers();
+            assert_eq!(recv_by(to, &mut rb, deadline), 1);
+            let (src, payload, _) = rb.get(0);
+            assert_eq!((src, payload), (from.local_addr().unwrap(), what));
+        };
+        one(&peer, &conn, b"from the peer");
+        one(&other, &main, b"from someone else");
+        // The answer leaves from the shared port, by the connected fast path.
+        conn.send_records_blocking(peer.local_addr().unwrap(), b"reply", 5)
+            .unwrap();
+        let mut rb = peer.recv_buffers();
+        assert_eq!(recv_by(&peer, &mut rb, deadline), 1);
+        assert_eq!(rb.get(0).0, port);
+        assert_eq!(rb.get(0).1, b"reply");
+        drop(conn);
+        one(&peer, &main, b"after the close");
     }
 }
