@@ -12,7 +12,8 @@
 # DURATION (5), ONLY (qssh|boringtun|ssh to run one), QSSH_ARGS (extra qssh VPN flags, both
 # sides, e.g. "--no-udp" for the TCP link or "--no-offload"), FR_REPS (1: qssh's first-reply
 # time is measured this many times, a fresh connector each time, and the median is shown
-# with min and max).
+# with min and max), IL_PINGS (400: pings per tunnel in the interleaved RTT run, both
+# tunnels up at once; 0 to skip).
 #
 # First-reply time: bench/first_reply.py, already running in the dialing namespace, starts
 # the dialing side (for boringtun and ssh -w, the commands that configure the interface,
@@ -27,6 +28,7 @@ ONLY=${ONLY:-}
 QSSH=${QSSH:-target/release/qssh}
 QSSH_ARGS=${QSSH_ARGS:-}
 FR_REPS=${FR_REPS:-1}
+IL_PINGS=${IL_PINGS:-400}
 
 [ "$(id -u)" -eq 0 ] || { echo "vpn.sh: needs root (network namespaces)" >&2; exit 1; }
 for t in ip iperf3 ping python3; do
@@ -99,17 +101,25 @@ throughput() {
   printf '%s\n' "${runs[@]}" | sort -g | awk '{a[NR]=$1} END {printf "%.2f", a[int((NR+1)/2)]}'
 }
 
-declare -A TP RT FR
+declare -A TP RT FR IL
+
+# qssh_listener: qssh's listening side in A (VPN 10.200.0.1), once "listening on" shows.
+qssh_listener() {
+  local idb
+  idb=$("$QSSH" --home "$TMP/qb" id 2>/dev/null | head -n1)
+  "$QSSH" --home "$TMP/qa" id >/dev/null 2>&1
+  # shellcheck disable=SC2086
+  ip netns exec "$A" "$QSSH" --home "$TMP/qa" listen --bind $UNDER_A --vpn 10.200.0.1/24 --allow "$idb" $QSSH_ARGS \
+    </dev/null >"$TMP/qa.out" 2>"$TMP/qa.err" &
+  for _ in $(seq 1 200); do grep -q "listening on" "$TMP/qa.err" 2>/dev/null && break; sleep 0.02; done
+}
+# The dialing side's command line.
+# shellcheck disable=SC2206
+QSSH_DIAL=("$QSSH" --home "$TMP/qb" connect $UNDER_A --accept-new --vpn 10.200.0.2/24 $QSSH_ARGS)
 
 bench_qssh() {
   topology
-  local ha=$TMP/qa hb=$TMP/qb idb
-  idb=$("$QSSH" --home "$hb" id 2>/dev/null | head -n1)
-  "$QSSH" --home "$ha" id >/dev/null 2>&1
-  # shellcheck disable=SC2086
-  ip netns exec "$A" "$QSSH" --home "$ha" listen --bind $UNDER_A --vpn 10.200.0.1/24 --allow "$idb" $QSSH_ARGS \
-    </dev/null >"$TMP/qa.out" 2>"$TMP/qa.err" &
-  for _ in $(seq 1 200); do grep -q "listening on" "$TMP/qa.err" 2>/dev/null && break; sleep 0.02; done
+  qssh_listener
   local frs=() r
   for r in $(seq 1 "$FR_REPS"); do
     if [ "$r" -gt 1 ]; then
@@ -118,9 +128,7 @@ bench_qssh() {
       for _ in $(seq 1 200); do ip -n "$B" -o link show type tun | grep -q . || break; sleep 0.01; done
       sleep 0.2
     fi
-    # shellcheck disable=SC2086
-    frs+=("$(first_reply 10.200.0.1 "$TMP/qb.err" \
-      "$QSSH" --home "$hb" connect $UNDER_A --accept-new --vpn 10.200.0.2/24 $QSSH_ARGS)")
+    frs+=("$(first_reply 10.200.0.1 "$TMP/qb.err" "${QSSH_DIAL[@]}")")
   done
   FR[qssh]=$(printf '%s\n' "${frs[@]}" | sort -g | awk '{a[NR]=$1} END {printf "%s", a[int((NR+1)/2)]}')
   [ "$FR_REPS" -gt 1 ] && echo "  # qssh first reply over $FR_REPS runs (ms): $(printf '%s\n' "${frs[@]}" | sort -g | tr '\n' ' ')"
@@ -131,8 +139,10 @@ bench_qssh() {
   grep -h "^vpn: peer .* sent" "$TMP/qb.err" "$TMP/qa.err" 2>/dev/null | sed 's/^/  # /' || true
 }
 
-bench_boringtun() {
-  topology
+# boringtun_listener: boringtun's listening side in A (10.201.0.1), configured with wg;
+# writes $TMP/btb.sh, what a boringtun user runs on the dialing side (start it, configure
+# it with wg, address and link up).
+boringtun_listener() {
   local ia=bta$ID ib=btb$ID
   wg genkey >"$TMP/ka"; wg pubkey <"$TMP/ka" >"$TMP/pa"
   wg genkey >"$TMP/kb"; wg pubkey <"$TMP/kb" >"$TMP/pb"
@@ -143,8 +153,6 @@ bench_boringtun() {
     peer "$(cat "$TMP/pb")" allowed-ips 10.201.0.2/32
   ip -n "$A" addr add 10.201.0.1/24 dev "$ia"
   ip -n "$A" link set "$ia" up
-  # What a boringtun user runs on the dialing side: start it, configure it with wg, address
-  # and link up.
   cat >"$TMP/btb.sh" <<EOF
 WG_SUDO=1 "$BORINGTUN" --foreground --threads 1 --disable-drop-privileges $ib >"$TMP/btb.log" 2>&1 &
 for _ in \$(seq 1 5000); do [ -S /var/run/wireguard/$ib.sock ] && break; sleep 0.001; done
@@ -152,12 +160,45 @@ wg set $ib private-key "$TMP/kb" peer "$(cat "$TMP/pa")" endpoint $UNDER_A:51820
 ip addr add 10.201.0.2/24 dev $ib
 ip link set $ib up
 EOF
+}
+
+bench_boringtun() {
+  topology
+  boringtun_listener
   FR[boringtun]=$(first_reply 10.201.0.1 "$TMP/btb.sh.log" bash "$TMP/btb.sh")
   sleep 0.5
   RT[boringtun]=$(rtt 10.201.0.1)
   TP[boringtun]=$(throughput 10.201.0.1)
   ns_clean
-  rm -f "/var/run/wireguard/$ia.sock" "/var/run/wireguard/$ib.sock"
+  rm -f "/var/run/wireguard/bta$ID.sock" "/var/run/wireguard/btb$ID.sock"
+}
+
+# Both tunnels up at once over the same underlay, pinged alternately (IL_PINGS each,
+# 50 ms apart, the two series 25 ms out of phase): both see the same machine at the same
+# moments, so their ratio holds still where separate runs of 20 pings swing by 30 %.
+bench_interleaved() {
+  topology
+  boringtun_listener
+  ip netns exec "$B" bash "$TMP/btb.sh"
+  qssh_listener
+  ip netns exec "$B" "${QSSH_DIAL[@]}" </dev/null >"$TMP/qb.out" 2>"$TMP/qb.err" &
+  for _ in $(seq 1 200); do grep -q "interface .* up" "$TMP/qb.err" 2>/dev/null && break; sleep 0.02; done
+  ip netns exec "$B" ping -n -q -c 3 -i 0.1 10.200.0.1 >/dev/null || true
+  ip netns exec "$B" ping -n -q -c 3 -i 0.1 10.201.0.1 >/dev/null || true
+  ip netns exec "$B" ping -n -c "$IL_PINGS" -i 0.05 10.200.0.1 >"$TMP/il-qssh" &
+  local p1=$!
+  sleep 0.025
+  ip netns exec "$B" ping -n -c "$IL_PINGS" -i 0.05 10.201.0.1 >"$TMP/il-bt" &
+  local p2=$!
+  wait "$p1" "$p2" || true
+  IL[qssh]=$(median_rtt <"$TMP/il-qssh")
+  IL[boringtun]=$(median_rtt <"$TMP/il-bt")
+  ns_clean
+  rm -f "/var/run/wireguard/bta$ID.sock" "/var/run/wireguard/btb$ID.sock"
+}
+
+median_rtt() {
+  sed -n 's/.*time=\([0-9.]*\) ms/\1/p' | sort -g | awk '{a[NR]=$1} END {if (NR) printf "%.3f", a[int((NR+1)/2)]}'
 }
 
 bench_ssh() {
@@ -201,6 +242,7 @@ EOF
 for t in boringtun qssh ssh; do
   if [ -z "$ONLY" ] || [ "$ONLY" = "$t" ]; then "bench_$t"; fi
 done
+if [ -z "$ONLY" ] && [ "$IL_PINGS" -gt 0 ]; then bench_interleaved; fi
 
 ratio() { python3 -c "
 a, b = '$1', '$2'
@@ -215,4 +257,8 @@ for t in boringtun qssh ssh; do
     "${RT[$t]}" "$(ratio "${RT[$t]}" "${RT[boringtun]:-x}")" \
     "${FR[$t]}" "$(ratio "${FR[$t]}" "${FR[boringtun]:-x}")"
 done
+if [ -n "${IL[qssh]:-}" ]; then
+  printf 'ping RTT, both tunnels up, %s pings each, interleaved: qssh %s ms, boringtun %s ms (medians): %s\n' \
+    "$IL_PINGS" "${IL[qssh]}" "${IL[boringtun]}" "$(ratio "${IL[qssh]}" "${IL[boringtun]}")"
+fi
 echo "(ratios are to boringtun in this run; qssh flags: ${QSSH_ARGS:-default})"
