@@ -173,26 +173,25 @@ impl UdpLink {
         }
         if buf.len() <= stride && self.peer == Some(dest) {
             // One record to the connected peer: no destination, so no route lookup.
-            loop {
-                match self.sock.send(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        wait_writable(self.sock.as_fd(), UDP_SEND_WAIT)?
-                    }
-                    r => return r.map(drop),
-                }
-            }
+            return self.until_sent(|| self.sock.send(buf).map(drop));
         }
         for t in gso_transmits(buf, stride, dest, self.max_segments(), 0) {
-            loop {
-                match self.state.send((&self.sock).into(), &t) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        wait_writable(self.sock.as_fd(), UDP_SEND_WAIT)?
-                    }
-                    r => break r?,
-                }
-            }
+            self.until_sent(|| self.state.send((&self.sock).into(), &t))?;
         }
         Ok(())
+    }
+
+    /// Runs `send` until it gets past a full socket buffer, waiting for room (at most
+    /// [`UDP_SEND_WAIT`] each time).
+    fn until_sent(&self, mut send: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+        loop {
+            match send() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_writable(self.sock.as_fd(), UDP_SEND_WAIT)?
+                }
+                r => return r,
+            }
+        }
     }
 }
 
@@ -203,7 +202,7 @@ impl AsFd for UdpLink {
 }
 
 /// `d` as poll(2) takes it.
-pub fn timespec(d: Duration) -> Timespec {
+fn timespec(d: Duration) -> Timespec {
     Timespec {
         tv_sec: d.as_secs() as _,
         tv_nsec: d.subsec_nanos() as _,
