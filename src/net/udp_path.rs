@@ -168,25 +168,31 @@ impl UdpLink {
         buf: &[u8],
         stride: usize,
     ) -> io::Result<()> {
+        self.send_all(dest, buf, stride, true)
+    }
+
+    /// [`Self::send_records_blocking`]; without `wait`, a full socket buffer is an error
+    /// (`WouldBlock`) and the rest of the records are lost.
+    fn send_all(&self, dest: SocketAddr, buf: &[u8], stride: usize, wait: bool) -> io::Result<()> {
         if stride == 0 {
             return Ok(());
         }
         if buf.len() <= stride && self.peer == Some(dest) {
             // One record to the connected peer: no destination, so no route lookup.
-            return self.until_sent(|| self.sock.send(buf).map(drop));
+            return self.until_sent(wait, || self.sock.send(buf).map(drop));
         }
         for t in gso_transmits(buf, stride, dest, self.max_segments(), 0) {
-            self.until_sent(|| self.state.send((&self.sock).into(), &t))?;
+            self.until_sent(wait, || self.state.send((&self.sock).into(), &t))?;
         }
         Ok(())
     }
 
-    /// Runs `send` until it gets past a full socket buffer, waiting for room (at most
-    /// [`UDP_SEND_WAIT`] each time).
-    fn until_sent(&self, mut send: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    /// Runs `send`; with `wait`, again after each full socket buffer once there is room (at
+    /// most [`UDP_SEND_WAIT`] each time).
+    fn until_sent(&self, wait: bool, mut send: impl FnMut() -> io::Result<()>) -> io::Result<()> {
         loop {
             match send() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(e) if wait && e.kind() == io::ErrorKind::WouldBlock => {
                     wait_writable(self.sock.as_fd(), UDP_SEND_WAIT)?
                 }
                 r => return r,
@@ -248,16 +254,7 @@ impl PacketPath for UdpLink {
         buf: &'a [u8],
         stride: usize,
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
-        let sent = (|| {
-            if stride == 0 {
-                return Ok(());
-            }
-            for t in gso_transmits(buf, stride, dest, self.max_segments(), 0) {
-                self.state.send((&self.sock).into(), &t)?;
-            }
-            Ok(())
-        })();
-        Box::pin(std::future::ready(sent))
+        Box::pin(std::future::ready(self.send_all(dest, buf, stride, false)))
     }
 
     fn direct(&self) -> Option<&UdpLink> {
