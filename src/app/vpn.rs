@@ -515,7 +515,11 @@ impl Tunnel {
                 match table.lookup(dst) {
                     Some(p) => match r.groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, p)) {
                         Some((_, v)) => v.push(i),
-                        None => r.groups.push((p.clone(), vec![i])),
+                        None => {
+                            let mut v = r.spare.pop().unwrap_or_default();
+                            v.push(i);
+                            r.groups.push((p.clone(), v));
+                        }
                     },
                     None => {
                         self.stats.no_peer.fetch_add(1, Ordering::Relaxed);
@@ -523,9 +527,11 @@ impl Tunnel {
                 }
             }
         }
-        for (peer, idx) in r.groups.drain(..) {
-            let pkts: Vec<&[u8]> = idx.iter().map(|&i| &r.bufs[i][..r.sizes[i]]).collect();
-            send_packets(rt, &peer, &pkts, &mut r.out);
+        for (peer, mut idx) in r.groups.drain(..) {
+            let pkts = idx.iter().map(|&i| &r.bufs[i][..r.sizes[i]]);
+            send_packets(rt, &peer, pkts, &mut r.out);
+            idx.clear();
+            r.spare.push(idx);
         }
         true
     }
@@ -626,35 +632,38 @@ fn path_news(peer: &Peer, news: PathNews) {
 /// sealed). A direct socket is written right here on the packet thread; the session's path
 /// and the channel belong to the async runtime, which this thread waits on through `rt`
 /// (so a full session still holds the TUN reader back, as flow control should).
-fn send_packets(rt: &Handle, peer: &Peer, pkts: &[&[u8]], out: &mut Vec<u8>) {
-    let mut rest = pkts;
+fn send_packets<'a, I>(rt: &Handle, peer: &Peer, pkts: I, out: &mut Outbox)
+where
+    I: ExactSizeIterator<Item = &'a [u8]> + Clone,
+{
+    let mut sealed = 0;
     if peer.udp_on.load(Ordering::Relaxed) {
         let dest = *peer.endpoint.lock().expect("endpoint lock");
         if let (Some(dest), Some(link)) = (dest, peer.link.as_ref()) {
             let now = Instant::now();
-            out.clear();
+            let Outbox { buf, runs } = out;
+            buf.clear();
+            runs.clear();
             // Runs of equal-sized records (the last of a run may be shorter): one GSO send
-            // each.
-            let mut runs: Vec<(usize, usize)> = Vec::new(); // (end, stride)
+            // each. (end, stride)
             let mut run_open = false;
-            let mut sealed = 0;
             {
                 let mut tx = peer.tx.lock().expect("tx lock");
                 peer.maybe_rotate(&mut tx, now);
-                for pkt in pkts {
-                    let before = out.len();
-                    if tx.seal(now, pkt, out).is_err() {
+                for pkt in pkts.clone() {
+                    let before = buf.len();
+                    if tx.seal(now, pkt, buf).is_err() {
                         break;
                     }
                     sealed += 1;
-                    let len = out.len() - before;
+                    let len = buf.len() - before;
                     match runs.last_mut() {
                         Some((end, stride)) if run_open && len <= *stride => {
-                            *end = out.len();
+                            *end = buf.len();
                             run_open = len == *stride;
                         }
                         _ => {
-                            runs.push((out.len(), len));
+                            runs.push((buf.len(), len));
                             run_open = true;
                         }
                     }
@@ -667,8 +676,8 @@ fn send_packets(rt: &Handle, peer: &Peer, pkts: &[&[u8]], out: &mut Vec<u8>) {
                 .clone()
                 .filter(|s| s.peer() == Some(dest));
             let mut start = 0;
-            for (end, stride) in runs {
-                let batch = &out[start..end];
+            for &(end, stride) in runs.iter() {
+                let batch = &buf[start..end];
                 let sent = match (connected.as_deref(), link.direct()) {
                     (Some(udp), _) | (None, Some(udp)) => {
                         udp.send_records_blocking(dest, batch, stride)
@@ -687,25 +696,31 @@ fn send_packets(rt: &Handle, peer: &Peer, pkts: &[&[u8]], out: &mut Vec<u8>) {
                     .fetch_add(sealed as u64, Ordering::Relaxed);
                 peer.path.lock().expect("path lock").on_sent(now);
             }
-            rest = &pkts[sealed..];
         }
     }
-    if rest.is_empty() {
+    let rest = pkts.len() - sealed;
+    if rest == 0 {
         return;
     }
-    out.clear();
-    for (i, pkt) in rest.iter().enumerate() {
-        VpnMessage::Packet(pkt).encode(out);
-        if out.len() >= TCP_BATCH_BYTES || i + 1 == rest.len() {
-            match rt.block_on(peer.chan.send(std::mem::take(out))) {
-                Ok(back) => *out = back,
+    let buf = &mut out.buf;
+    buf.clear();
+    for (i, pkt) in pkts.skip(sealed).enumerate() {
+        VpnMessage::Packet(pkt).encode(buf);
+        if buf.len() >= TCP_BATCH_BYTES || i + 1 == rest {
+            match rt.block_on(peer.chan.send(std::mem::take(buf))) {
+                Ok(back) => *buf = back,
                 Err(_) => return,
             }
         }
     }
-    peer.stats
-        .tx_tcp
-        .fetch_add(rest.len() as u64, Ordering::Relaxed);
+    peer.stats.tx_tcp.fetch_add(rest as u64, Ordering::Relaxed);
+}
+
+/// Reusable send state: sealed records (or PACKET messages for the channel) and the runs
+/// of equal-sized records among them, as (end, stride).
+struct Outbox {
+    buf: Vec<u8>,
+    runs: Vec<(usize, usize)>,
 }
 
 /// The packet thread's reusable TUN read state.
@@ -714,9 +729,10 @@ struct TunReader {
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    /// Sealed records, or PACKET messages for the channel.
-    out: Vec<u8>,
+    out: Outbox,
+    /// This batch's packets by peer (indices into `bufs`), and emptied index lists to reuse.
     groups: Vec<(Arc<Peer>, Vec<usize>)>,
+    spare: Vec<Vec<usize>>,
 }
 
 impl TunReader {
@@ -726,8 +742,12 @@ impl TunReader {
             original: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
             bufs: (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; size]).collect(),
             sizes: vec![0usize; IDEAL_BATCH_SIZE],
-            out: Vec::with_capacity(TCP_BATCH_BYTES),
+            out: Outbox {
+                buf: Vec::with_capacity(TCP_BATCH_BYTES),
+                runs: Vec::new(),
+            },
             groups: Vec::new(),
+            spare: Vec::new(),
         }
     }
 }

@@ -149,11 +149,17 @@ impl UdpLink {
         if rb.bufs.is_empty() {
             rb.bufs.push(vec![0u8; rb.size]);
         }
-        let mut slices: Vec<IoSliceMut<'_>> =
-            rb.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let meta = &mut rb.meta[..slices.len()];
-        let n = self.state.recv((&self.sock).into(), &mut slices, meta)?;
-        if n == rb.bufs.len() && n < BATCH_SIZE {
+        let count = rb.bufs.len();
+        let mut slices: [IoSliceMut<'_>; BATCH_SIZE] =
+            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+        for (s, b) in slices.iter_mut().zip(&mut rb.bufs) {
+            *s = IoSliceMut::new(b);
+        }
+        let meta = &mut rb.meta[..count];
+        let n = self
+            .state
+            .recv((&self.sock).into(), &mut slices[..count], meta)?;
+        if n == count && n < BATCH_SIZE {
             let more = n.min(BATCH_SIZE - n);
             rb.bufs.extend((0..more).map(|_| vec![0u8; rb.size]));
         }
