@@ -29,6 +29,8 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Buffers handed to one vectored write at most (each a sealed record of at most
 /// `MAX_RECORD_PLAINTEXT` plus overhead).
 const MAX_WRITE_SLICES: usize = 64;
+/// Commands the driver applies in one turn of its loop before it seals and writes.
+const MAX_COMMANDS_PER_TURN: usize = 64;
 
 /// What the application asks the driver to do with its session.
 enum Command {
@@ -265,17 +267,48 @@ async fn drive<R, W>(
                 }
                 Ok(n) => s.handle_input_mut(Instant::now(), &mut buf[..n]),
             },
-            c = cmds.recv(), if can_take => match c {
-                Some(Command::Close(code, reason)) => close_after = Some((code, reason)),
-                Some(c) => apply(&mut s, Instant::now(), c, &mut pending),
-                None => s.close(Instant::now(), CloseCode::Normal, "application ended"),
-            },
+            c = cmds.recv(), if can_take => {
+                // Everything else already queued goes into this turn too, so window updates
+                // and recycled buffers ride with the data they follow instead of costing a
+                // record and a write of their own.
+                let now = Instant::now();
+                let mut next = c;
+                for _ in 0..MAX_COMMANDS_PER_TURN {
+                    match next {
+                        Some(Command::Close(code, reason)) => {
+                            close_after = Some((code, reason));
+                            break;
+                        }
+                        Some(c) => apply(&mut s, now, c, &mut pending),
+                        None => {
+                            s.close(now, CloseCode::Normal, "application ended");
+                            break;
+                        }
+                    }
+                    if in_flight.load(Ordering::Acquire) >= WRITE_HIGH_WATER {
+                        break;
+                    }
+                    match cmds.try_recv() {
+                        Ok(c) => next = Some(c),
+                        Err(_) => break,
+                    }
+                }
+            }
             _ = drained.notified(), if !can_take => {}
             _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                 s.handle_timeout(Instant::now());
             }
         }
     }
+    let st = s.stats();
+    debug!(
+        peer = %peer_addr,
+        records_sent = st.records_sent,
+        bytes_sent = st.bytes_sent,
+        records_received = st.records_received,
+        bytes_received = st.bytes_received,
+        "session transferred"
+    );
     for (_, q) in pending.drain() {
         for p in q {
             p.finish(Err(SessionError::Closed));
