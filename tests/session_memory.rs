@@ -564,3 +564,24 @@ fn records_split_anywhere_across_inputs_are_reassembled() {
     }
     assert_eq!(got, bulk.repeat(7));
 }
+
+/// A full read from a command's pipe, from stdin or from a forwarded connection (with the
+/// message header where there is one) fills whole records: no short record trails every
+/// message.
+#[test]
+fn a_full_read_goes_out_in_full_records_only() {
+    use qssh::app::{exec::PIPE_READ_CHUNK, forward::FORWARD_READ_CHUNK, shell::STDIN_READ_CHUNK};
+    use qssh::core::service::MSG_HEADER;
+    for (len, records) in [
+        (MSG_HEADER + PIPE_READ_CHUNK, 16),
+        (MSG_HEADER + STDIN_READ_CHUNK, 16),
+        (FORWARD_READ_CHUNK, 4),
+    ] {
+        let mut p = Pair::established();
+        let ch = p.open(ChannelKind::Exec);
+        let data = vec![7u8; len];
+        assert_eq!(p.a.send(p.now, ch, &data).unwrap(), len);
+        let sent = std::iter::from_fn(|| p.a.poll_transmit(p.now)).count();
+        assert_eq!(sent, records, "a read of {len} bytes");
+    }
+}

@@ -14,6 +14,7 @@ use super::pty::{set_window_size, Pty, PTY_HELPER, SELF_EXE};
 use super::router::{Channel, ChannelEvent, ChannelSender, RouterHandle};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::PeerId;
+use crate::core::limits::MAX_FRAME_DATA;
 use crate::core::service::{
     data_header, CommandParams, Msg, MsgDecoder, Piece, Stream, MSG_HEADER,
 };
@@ -34,8 +35,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 /// Bytes read from a command's stdout/stderr pipe per message (fewer, larger messages: each
-/// costs a driver round trip; 64 KiB measured ~10% more CPU per byte).
-pub const PIPE_READ_CHUNK: usize = 256 * 1024;
+/// costs a driver round trip; 64 KiB measured ~10% more CPU per byte). Just under 256 KiB:
+/// with its message header a full read is exactly 16 full frames, so no short record
+/// follows every message.
+pub const PIPE_READ_CHUNK: usize = 16 * MAX_FRAME_DATA - MSG_HEADER;
 /// Kernel buffer asked for the command's pipes (fewer wake-ups for bulk output).
 pub const CHILD_PIPE_SIZE: usize = 1 << 20;
 /// Bytes read from a PTY master per message.

@@ -14,6 +14,7 @@
 use super::router::{Channel, ChannelEvent, RouterHandle};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::PeerId;
+use crate::core::limits::MAX_FRAME_DATA;
 use crate::core::service::{ForwardParams, ReverseParams};
 use std::collections::HashMap;
 use std::fmt;
@@ -26,8 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-/// Bytes read from a forwarded TCP connection per channel message.
-pub const FORWARD_READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from a forwarded TCP connection per channel message: about 64 KiB, exactly
+/// four full frames.
+pub const FORWARD_READ_CHUNK: usize = 4 * MAX_FRAME_DATA;
 /// How long connecting to a forward's destination may take.
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client waits for the listener to report the port of a remote forward.

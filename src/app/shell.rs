@@ -38,8 +38,8 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-/// Bytes read from local stdin per channel message (as `exec::PIPE_READ_CHUNK`).
-pub const STDIN_READ_CHUNK: usize = 256 * 1024;
+/// Bytes read from local stdin per channel message (the same as `exec::PIPE_READ_CHUNK`).
+pub const STDIN_READ_CHUNK: usize = super::exec::PIPE_READ_CHUNK;
 /// Kernel buffer asked for our stdin/stdout when they are pipes (fewer wake-ups in bulk).
 pub const LOCAL_PIPE_SIZE: usize = 1 << 20;
 /// After the exit status, how long we wait for the peer to acknowledge the session's close.
