@@ -9,11 +9,13 @@
 # Needs root, iproute2, iperf3, ping, python3, wireguard-tools (`wg`), openssh client and
 # server, and boringtun-cli (`cargo install boringtun-cli`; installed here if missing).
 # Environment: QSSH (binary, default target/release/qssh, built if missing), REPS (3),
-# DURATION (5), ONLY (qssh|boringtun|ssh to run one), QSSH_ARGS (extra qssh VPN flags, both
+# DURATION (5), ONLY (qssh|boringtun|ssh|interleaved to run one), QSSH_ARGS (extra qssh VPN flags, both
 # sides, e.g. "--no-udp" for the TCP link or "--no-offload"), FR_REPS (1: qssh's first-reply
 # time is measured this many times, a fresh connector each time, and the median is shown
 # with min and max), IL_PINGS (400: pings per tunnel in the interleaved RTT run, both
-# tunnels up at once; 0 to skip).
+# tunnels up at once; 0 to skip), QSSH_BASE (another qssh binary, e.g. a build of the previous
+# commit: the interleaved run then brings it up too, as a third tunnel, and prints the ratio;
+# QSSH_BASE_ARGS, its flags, default QSSH_ARGS).
 #
 # First-reply time: bench/first_reply.py, already running in the dialing namespace, starts
 # the dialing side (for boringtun and ssh -w, the commands that configure the interface,
@@ -29,12 +31,14 @@ QSSH=${QSSH:-target/release/qssh}
 QSSH_ARGS=${QSSH_ARGS:-}
 FR_REPS=${FR_REPS:-1}
 IL_PINGS=${IL_PINGS:-400}
+QSSH_BASE=${QSSH_BASE:-}
+QSSH_BASE_ARGS=${QSSH_BASE_ARGS-$QSSH_ARGS}
 
 [ "$(id -u)" -eq 0 ] || { echo "vpn.sh: needs root (network namespaces)" >&2; exit 1; }
 for t in ip iperf3 ping python3; do
   command -v "$t" >/dev/null || { echo "vpn.sh: $t missing (bash scripts/ci-deps.sh)" >&2; exit 1; }
 done
-if [ -z "$ONLY" ] || [ "$ONLY" = boringtun ]; then
+if [ -z "$ONLY" ] || [ "$ONLY" = boringtun ] || [ "$ONLY" = interleaved ]; then
   command -v wg >/dev/null || apt-get install -y -qq --no-install-recommends wireguard-tools >/dev/null
   command -v boringtun-cli >/dev/null || [ -x "$HOME/.cargo/bin/boringtun-cli" ] \
     || cargo install --locked boringtun-cli
@@ -43,7 +47,7 @@ fi
 if [ -z "$ONLY" ] || [ "$ONLY" = ssh ]; then
   command -v sshd >/dev/null || apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null
 fi
-if [ -z "$ONLY" ] || [ "$ONLY" = qssh ]; then
+if [ -z "$ONLY" ] || [ "$ONLY" = qssh ] || [ "$ONLY" = interleaved ]; then
   [ -x "$QSSH" ] || cargo build --release --locked
 fi
 
@@ -175,7 +179,9 @@ bench_boringtun() {
 
 # Both tunnels up at once over the same underlay, pinged alternately (IL_PINGS each,
 # 50 ms apart, the two series 25 ms out of phase): both see the same machine at the same
-# moments, so their ratio holds still where separate runs of 20 pings swing by 30 %.
+# moments, so their ratio holds still where separate runs of 20 pings swing by 30 %. With
+# QSSH_BASE a second qssh build is a third tunnel (an A/B of two builds in the same run; two
+# identical builds came out 0.96-1.07x of each other).
 bench_interleaved() {
   topology
   boringtun_listener
@@ -183,16 +189,31 @@ bench_interleaved() {
   qssh_listener
   ip netns exec "$B" "${QSSH_DIAL[@]}" </dev/null >"$TMP/qb.out" 2>"$TMP/qb.err" &
   for _ in $(seq 1 200); do grep -q "interface .* up" "$TMP/qb.err" 2>/dev/null && break; sleep 0.02; done
-  ip netns exec "$B" ping -n -q -c 3 -i 0.1 10.200.0.1 >/dev/null || true
-  ip netns exec "$B" ping -n -q -c 3 -i 0.1 10.201.0.1 >/dev/null || true
-  ip netns exec "$B" ping -n -c "$IL_PINGS" -i 0.05 10.200.0.1 >"$TMP/il-qssh" &
-  local p1=$!
-  sleep 0.025
-  ip netns exec "$B" ping -n -c "$IL_PINGS" -i 0.05 10.201.0.1 >"$TMP/il-bt" &
-  local p2=$!
-  wait "$p1" "$p2" || true
-  IL[qssh]=$(median_rtt <"$TMP/il-qssh")
-  IL[boringtun]=$(median_rtt <"$TMP/il-bt")
+  local dsts=(10.200.0.1 10.201.0.1) names=(qssh boringtun)
+  if [ -n "$QSSH_BASE" ]; then
+    # The baseline build: its own listener port (so its own UDP port) and VPN subnet.
+    local idb
+    idb=$("$QSSH_BASE" --home "$TMP/qb" id 2>/dev/null | head -n1)
+    # shellcheck disable=SC2086
+    ip netns exec "$A" "$QSSH_BASE" --home "$TMP/qa" listen --bind $UNDER_A --port 22333 \
+      --vpn 10.203.0.1/24 --allow "$idb" $QSSH_BASE_ARGS </dev/null >"$TMP/qa2.out" 2>"$TMP/qa2.err" &
+    for _ in $(seq 1 200); do grep -q "listening on" "$TMP/qa2.err" 2>/dev/null && break; sleep 0.02; done
+    # shellcheck disable=SC2086
+    ip netns exec "$B" "$QSSH_BASE" --home "$TMP/qb" connect $UNDER_A:22333 --accept-new \
+      --vpn 10.203.0.2/24 $QSSH_BASE_ARGS </dev/null >"$TMP/qb2.out" 2>"$TMP/qb2.err" &
+    for _ in $(seq 1 200); do grep -q "interface .* up" "$TMP/qb2.err" 2>/dev/null && break; sleep 0.02; done
+    dsts+=(10.203.0.1) names+=(base)
+  fi
+  local d i pids=()
+  for d in "${dsts[@]}"; do ip netns exec "$B" ping -n -q -c 3 -i 0.1 "$d" >/dev/null || true; done
+  # Series 50 ms apart each, started 50/N ms after one another.
+  for i in "${!dsts[@]}"; do
+    ip netns exec "$B" ping -n -c "$IL_PINGS" -i 0.05 "${dsts[$i]}" >"$TMP/il-${names[$i]}" &
+    pids+=($!)
+    sleep "$(awk -v n="${#dsts[@]}" 'BEGIN { printf "%.3f", 0.05 / n }')"
+  done
+  wait "${pids[@]}" || true
+  for i in "${!dsts[@]}"; do IL[${names[$i]}]=$(median_rtt <"$TMP/il-${names[$i]}"); done
   ns_clean
   rm -f "/var/run/wireguard/bta$ID.sock" "/var/run/wireguard/btb$ID.sock"
 }
@@ -242,7 +263,7 @@ EOF
 for t in boringtun qssh ssh; do
   if [ -z "$ONLY" ] || [ "$ONLY" = "$t" ]; then "bench_$t"; fi
 done
-if [ -z "$ONLY" ] && [ "$IL_PINGS" -gt 0 ]; then bench_interleaved; fi
+if { [ -z "$ONLY" ] || [ "$ONLY" = interleaved ]; } && [ "$IL_PINGS" -gt 0 ]; then bench_interleaved; fi
 
 ratio() { python3 -c "
 a, b = '$1', '$2'
@@ -260,5 +281,9 @@ done
 if [ -n "${IL[qssh]:-}" ]; then
   printf 'ping RTT, both tunnels up, %s pings each, interleaved: qssh %s ms, boringtun %s ms (medians): %s\n' \
     "$IL_PINGS" "${IL[qssh]}" "${IL[boringtun]}" "$(ratio "${IL[qssh]}" "${IL[boringtun]}")"
+fi
+if [ -n "${IL[base]:-}" ]; then
+  printf 'same run, baseline qssh (%s): %s ms; qssh/baseline %s, baseline/boringtun %s\n' \
+    "$QSSH_BASE" "${IL[base]}" "$(ratio "${IL[qssh]}" "${IL[base]}")" "$(ratio "${IL[base]}" "${IL[boringtun]}")"
 fi
 echo "(ratios are to boringtun in this run; qssh flags: ${QSSH_ARGS:-default})"
