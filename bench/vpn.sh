@@ -15,7 +15,9 @@
 # with min and max), IL_PINGS (400: pings per tunnel in the interleaved RTT run, both
 # tunnels up at once; 0 to skip), QSSH_BASE (another qssh binary, e.g. a build of the previous
 # commit: the interleaved run then brings it up too, as a third tunnel, and prints the ratio;
-# QSSH_BASE_ARGS, its flags, default QSSH_ARGS).
+# QSSH_BASE_ARGS, its flags, default QSSH_ARGS), STAGES (1: during the interleaved run,
+# record kernel tracepoints with perf for 8 s and print each stage of a ping's round trip
+# through qssh and boringtun, bench/vpn_stages.py).
 #
 # First-reply time: bench/first_reply.py, already running in the dialing namespace, starts
 # the dialing side (for boringtun and ssh -w, the commands that configure the interface,
@@ -33,6 +35,7 @@ FR_REPS=${FR_REPS:-1}
 IL_PINGS=${IL_PINGS:-400}
 QSSH_BASE=${QSSH_BASE:-}
 QSSH_BASE_ARGS=${QSSH_BASE_ARGS-$QSSH_ARGS}
+STAGES=${STAGES:-}
 
 [ "$(id -u)" -eq 0 ] || { echo "vpn.sh: needs root (network namespaces)" >&2; exit 1; }
 for t in ip iperf3 ping python3; do
@@ -43,6 +46,9 @@ if [ -z "$ONLY" ] || [ "$ONLY" = boringtun ] || [ "$ONLY" = interleaved ]; then
   command -v boringtun-cli >/dev/null || [ -x "$HOME/.cargo/bin/boringtun-cli" ] \
     || cargo install --locked boringtun-cli
   BORINGTUN=$(command -v boringtun-cli || echo "$HOME/.cargo/bin/boringtun-cli")
+fi
+if [ -n "$STAGES" ]; then
+  command -v perf >/dev/null || apt-get install -y -qq --no-install-recommends linux-perf >/dev/null
 fi
 if [ -z "$ONLY" ] || [ "$ONLY" = ssh ]; then
   command -v sshd >/dev/null || apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null
@@ -212,6 +218,13 @@ bench_interleaved() {
     pids+=($!)
     sleep "$(awk -v n="${#dsts[@]}" 'BEGIN { printf "%.3f", 0.05 / n }')"
   done
+  if [ -n "$STAGES" ]; then
+    perf record -q -a -o "$TMP/stages.data" \
+      -e net:net_dev_queue,net:netif_receive_skb,sched:sched_switch,sched:sched_waking \
+      -- sleep 8 >/dev/null 2>&1 || true
+    perf script -i "$TMP/stages.data" -F comm,tid,cpu,time,event,trace 2>/dev/null \
+      | python3 bench/vpn_stages.py /dev/stdin >"$TMP/stages.txt" || true
+  fi
   wait "${pids[@]}" || true
   for i in "${!dsts[@]}"; do IL[${names[$i]}]=$(median_rtt <"$TMP/il-${names[$i]}"); done
   ns_clean
@@ -287,3 +300,7 @@ if [ -n "${IL[base]:-}" ]; then
     "$QSSH_BASE" "${IL[base]}" "$(ratio "${IL[qssh]}" "${IL[base]}")" "$(ratio "${IL[base]}" "${IL[boringtun]}")"
 fi
 echo "(ratios are to boringtun in this run; qssh flags: ${QSSH_ARGS:-default})"
+if [ -n "$STAGES" ] && [ -s "$TMP/stages.txt" ]; then
+  printf '\nOne ping, stage by stage (kernel tracepoints, 8 s of the interleaved run):\n'
+  cat "$TMP/stages.txt"
+fi
