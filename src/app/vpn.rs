@@ -644,8 +644,8 @@ where
             let Outbox { buf, runs } = out;
             buf.clear();
             runs.clear();
-            // Runs of equal-sized records (the last of a run may be shorter): one GSO send
-            // each. (end, stride)
+            // Runs of equal-sized records (the last of a run may be shorter), one GSO send
+            // each: `runs` holds (end, stride) of each.
             let mut run_open = false;
             {
                 let mut tx = peer.tx.lock().expect("tx lock");
