@@ -9,8 +9,8 @@
 # Needs root, iproute2, iperf3, ping, python3, wireguard-tools (`wg`), openssh client and
 # server, and boringtun-cli (`cargo install boringtun-cli`; installed here if missing).
 # Environment: QSSH (binary, default target/release/qssh, built if missing), REPS (3),
-# DURATION (5), ONLY (qssh|boringtun|ssh|interleaved to run one), QSSH_ARGS (extra qssh VPN flags, both
-# sides, e.g. "--no-udp" for the TCP link or "--no-offload"), FR_REPS (1: qssh's first-reply
+# DURATION (5), ONLY (qssh|boringtun|ssh|interleaved to run one), QSSH_ARGS (extra qssh
+# VPN flags, both sides, e.g. "--no-udp" for the TCP link or "--no-offload"), FR_REPS (1: qssh's first-reply
 # time is measured this many times, a fresh connector each time, and the median is shown
 # with min and max), IL_PINGS (400: pings per tunnel in the interleaved RTT run, both
 # tunnels up at once; 0 to skip), QSSH_BASE (another qssh binary, e.g. a build of the previous
@@ -184,7 +184,7 @@ bench_boringtun() {
 }
 
 # Both tunnels up at once over the same underlay, pinged alternately (IL_PINGS each,
-# 50 ms apart, the two series 25 ms out of phase): both see the same machine at the same
+# 50 ms apart, the series evenly out of phase): both see the same machine at the same
 # moments, so their ratio holds still where separate runs of 20 pings swing by 30 %. With
 # QSSH_BASE a second qssh build is a third tunnel (an A/B of two builds in the same run; two
 # identical builds came out 0.96-1.07x of each other).
