@@ -684,7 +684,10 @@ fn start_stdin(
                 buf[..MSG_HEADER].copy_from_slice(&data_header(Stream::Stdin, len));
                 match rt.block_on(tx.send(buf)) {
                     Ok(back) => buf = back,
-                    Err(_) => return,
+                    Err(e) => {
+                        debug!("stdin: channel refused data: {e}");
+                        return;
+                    }
                 }
             }
             let _ = rt.block_on(tx.send(Msg::Eof(Stream::Stdin).to_vec()));

@@ -273,7 +273,8 @@ async fn drive<R, W>(
                 // record and a write of their own.
                 let now = Instant::now();
                 let mut next = c;
-                for _ in 0..MAX_COMMANDS_PER_TURN {
+                let mut applied = 0;
+                loop {
                     match next {
                         Some(Command::Close(code, reason)) => {
                             close_after = Some((code, reason));
@@ -285,7 +286,12 @@ async fn drive<R, W>(
                             break;
                         }
                     }
-                    if in_flight.load(Ordering::Acquire) >= WRITE_HIGH_WATER {
+                    applied += 1;
+                    // Take the next command only if it will be applied in this turn: one
+                    // taken from the queue and then left would be lost.
+                    if applied == MAX_COMMANDS_PER_TURN
+                        || in_flight.load(Ordering::Acquire) >= WRITE_HIGH_WATER
+                    {
                         break;
                     }
                     match cmds.try_recv() {
