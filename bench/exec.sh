@@ -102,16 +102,24 @@ median_ms() {
 proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 + $14 + $15 }' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
 
+# Ticks the hypervisor gave to other guests while ours wanted to run ("steal", /proc/stat),
+# summed over all CPUs. On a shared host it swings from 0 to a quarter of the CPU within
+# minutes and takes throughput with it: compare runs only at similar steal.
+steal_ticks() { awk '/^cpu / { print $9 }' /proc/stat; }
+
 # BULK_MIB MiB through "$@" (stdin to stdout), whose server is process $1: prints
-# "MB/s CPU-seconds", the CPU being everything involved (client pipeline, server, remote cat).
+# "MB/s CPU-seconds steal-%", the CPU being everything involved (client pipeline, server,
+# remote cat), steal as a share of all CPUs' wall time.
 throughput() {
-  local server=$1 t0 t1 c0 c1 n
+  local server=$1 t0 t1 c0 c1 s0 s1 n
   shift
   c0=$(proc_ticks "$server")
+  s0=$(steal_ticks)
   t0=$(now_ns)
   local TIMEFORMAT='%U %S'
   { time (head -c "$((BULK_MIB * 1024 * 1024))" /dev/zero | "$@" | wc -c > "$work/count"); } 2> "$work/time"
   t1=$(now_ns)
+  s1=$(steal_ticks)
   sleep 0.5 # let the server reap its per-connection children
   c1=$(proc_ticks "$server")
   n=$(cat "$work/count")
@@ -120,7 +128,9 @@ throughput() {
     exit 1
   fi
   awk -v n="$n" -v ns="$((t1 - t0))" -v c="$((c1 - c0))" -v hz="$TICKS" -v t="$(tail -n 1 "$work/time")" \
-    'BEGIN { split(t, u, " "); printf "%.0f %.2f", n / (ns / 1e9) / 1e6, c / hz + u[1] + u[2] }'
+    -v st="$((s1 - s0))" -v cpus="$(nproc)" \
+    'BEGIN { split(t, u, " "); printf "%.0f %.2f %.0f", n / (ns / 1e9) / 1e6, c / hz + u[1] + u[2],
+             100 * st / hz / (ns / 1e9) / cpus }'
 }
 
 echo "qssh $("$QSSH" --version | awk '{print $2}') vs $(ssh -V 2>&1 | cut -d, -f1), loopback, $(nproc) cores"
@@ -128,12 +138,14 @@ q_lat=$(median_ms "$QSSH" exec "$TARGET" true)
 s_lat=$(median_ms "${SSH[@]}" 127.0.0.1 true)
 printf 'latency  exec true   qssh %8.2f ms   ssh %8.2f ms   qssh/ssh %.3f (goal <= 0.1)\n' \
   "$q_lat" "$s_lat" "$(awk -v a="$q_lat" -v b="$s_lat" 'BEGIN{print a/b}')"
-read -r q_tp q_cpu <<< "$(throughput "${pids[1]}" "$QSSH" exec "$TARGET" cat)"
-read -r s_tp s_cpu <<< "$(throughput "${pids[0]}" "${SSH[@]}" -c aes256-gcm@openssh.com 127.0.0.1 cat)"
+read -r q_tp q_cpu q_steal <<< "$(throughput "${pids[1]}" "$QSSH" exec "$TARGET" cat)"
+read -r s_tp s_cpu s_steal <<< "$(throughput "${pids[0]}" "${SSH[@]}" -c aes256-gcm@openssh.com 127.0.0.1 cat)"
 printf 'bulk     %d MiB cat  qssh %8d MB/s ssh %8d MB/s qssh/ssh %.2f  (goal >= 1.5)\n' \
   "$BULK_MIB" "$q_tp" "$s_tp" "$(awk -v a="$q_tp" -v b="$s_tp" 'BEGIN{print a/b}')"
 # Wall-clock throughput depends on what else runs on the machine; the CPU spent per byte by
 # everything involved does not, and is what bounds throughput on an idle machine.
 printf 'cpu      %d MiB cat  qssh %8.2f s    ssh %8.2f s    ssh/qssh %.2f (CPU-bound throughput ratio)\n' \
   "$BULK_MIB" "$q_cpu" "$s_cpu" "$(awk -v a="$q_cpu" -v b="$s_cpu" 'BEGIN{print b/a}')"
+printf 'steal    during bulk  qssh %7d %%     ssh %7d %%     (CPU the host took; > 5 %% skews the ratio)\n' \
+  "$q_steal" "$s_steal"
 uptime | sed 's/.*load/load/'
