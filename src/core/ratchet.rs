@@ -96,8 +96,9 @@
 
 use super::codec::{DecodeError, Reader};
 use super::crypto::{
-    aead_open, aead_seal, hkdf_expand, hkdf_extract, hmac_sha256, mlkem_encapsulate, MlKemSecret,
-    Secret32, SecureRandom, X25519Secret, MLKEM_CT_LEN, MLKEM_EK_LEN, TAG_LEN, X25519_LEN,
+    aead_open, aead_seal, hkdf_expand, hkdf_extract, hmac_sha256_pair, mlkem_encapsulate,
+    MlKemSecret, Secret32, SecureRandom, X25519Secret, MLKEM_CT_LEN, MLKEM_EK_LEN, TAG_LEN,
+    X25519_LEN,
 };
 use super::labels;
 use super::limits::{
@@ -333,10 +334,8 @@ fn kdf_rk(rk: &Secret32, dh: &Secret32, kem_ss: Option<&Secret32>) -> (Secret32,
 
 /// `KDF_CK`: returns (message key, next chain key).
 fn kdf_ck(ck: &Secret32) -> (Secret32, Secret32) {
-    (
-        Secret32::from_bytes(hmac_sha256(ck.expose(), &[labels::CHAIN_MESSAGE_KEY])),
-        Secret32::from_bytes(hmac_sha256(ck.expose(), &[labels::CHAIN_NEXT])),
-    )
+    let (mk, next) = hmac_sha256_pair(ck.expose(), labels::CHAIN_MESSAGE_KEY, labels::CHAIN_NEXT);
+    (Secret32::from_bytes(mk), Secret32::from_bytes(next))
 }
 
 fn nonce(n: u32) -> [u8; 12] {
