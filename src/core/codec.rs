@@ -112,7 +112,7 @@ impl<'a> Writer<'a> {
         self
     }
     pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
-        self.buf.extend_from_slice(v);
+        extend_bulk(self.buf, v);
         self
     }
     /// Writes a u16 length prefix and the bytes. Callers bound `v` by a named limit first;
@@ -123,9 +123,58 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// Largest piece [`extend_bulk`] hands to one `memcpy` when it splits a copy: below
+/// glibc's `rep movsb` threshold (4 KiB with AVX2) on every x86-64 CPU.
+pub const COPY_PIECE: usize = 2048;
+
+/// Appends `src` to `dst` (bulk data: DATA frames, Data events, partial records), avoiding
+/// one slow case of `memcpy`.
+///
+/// glibc 2.36 (Debian 12) copies 4 KiB and more with `rep movsb` on CPUs with fast short
+/// `rep mov` (FSRM). On the AMD EPYC machines here that instruction is 10 to 20 times slower
+/// when the destination lies 1 to 31 bytes past the source modulo 64: 16 KiB took 8.2-8.7 us
+/// instead of 0.5-0.8 us in cache, 7.9-9.6 us instead of 2.2 us from memory. Record and frame
+/// headers put our copies at such offsets about half the time. Those copies go in pieces of
+/// [`COPY_PIECE`] bytes, which take glibc's vector loop (0.6-0.8 us in cache, 3.3-3.4 us from
+/// memory); every other copy stays one `memcpy`.
+pub fn extend_bulk(dst: &mut Vec<u8>, src: &[u8]) {
+    dst.reserve(src.len());
+    let gap = (dst.as_ptr() as usize + dst.len()).wrapping_sub(src.as_ptr() as usize) % 64;
+    if src.len() <= COPY_PIECE || !(1..32).contains(&gap) {
+        dst.extend_from_slice(src);
+        return;
+    }
+    for piece in src.chunks(COPY_PIECE) {
+        dst.extend_from_slice(piece);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bulk_copies_every_byte_in_order_at_any_offset() {
+        let src: Vec<u8> = (0..3 * COPY_PIECE + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        // Every source offset modulo 64: both the split copy and the single one.
+        for start in 0..64 {
+            for len in [
+                0,
+                1,
+                COPY_PIECE - 1,
+                COPY_PIECE,
+                COPY_PIECE + 1,
+                src.len() - start,
+            ] {
+                let mut dst = b"head".to_vec();
+                extend_bulk(&mut dst, &src[start..start + len]);
+                assert_eq!(&dst[..4], b"head");
+                assert_eq!(&dst[4..], &src[start..start + len]);
+            }
+        }
+    }
 
     #[test]
     fn reader_bounds() {

@@ -14,7 +14,7 @@
 //! Stream record: `len u32 | type u8 | body`, `len` = 1 + body length, at most
 //! `1 + MAX_RECORD_BODY`; an oversized prefix ends the session before its body is read.
 
-use super::codec::{DecodeError, Reader, Writer};
+use super::codec::{extend_bulk, DecodeError, Reader, Writer};
 use super::crypto::SecureRandom;
 use super::crypto::TAG_LEN;
 use super::frame::{ChannelKind, CloseCode, Frame};
@@ -396,7 +396,7 @@ impl Session {
                 }
             };
             let (take, more) = rest.split_at_mut((want - self.inbuf.len()).min(rest.len()));
-            self.inbuf.extend_from_slice(take);
+            extend_bulk(&mut self.inbuf, take);
             rest = more;
             if want > 4 && self.inbuf.len() == want {
                 let mut rec = std::mem::take(&mut self.inbuf);
@@ -409,7 +409,7 @@ impl Session {
         if self.inbuf.is_empty() {
             let used = self.handle_records(now, rest);
             if !self.is_closed() {
-                self.inbuf.extend_from_slice(&rest[used..]);
+                extend_bulk(&mut self.inbuf, &rest[used..]);
             }
         }
         self.flush(now);
@@ -746,7 +746,7 @@ impl Session {
                             ch: last,
                             data: buf,
                         }) if join && *last == ch && buf.len() + data.len() <= MAX_DATA_EVENT => {
-                            buf.extend_from_slice(data)
+                            extend_bulk(buf, data)
                         }
                         _ => {
                             let mut buf = if join {
@@ -755,7 +755,7 @@ impl Session {
                             } else {
                                 Vec::with_capacity(data.len())
                             };
-                            buf.extend_from_slice(data);
+                            extend_bulk(&mut buf, data);
                             self.events.push_back(Event::Data { ch, data: buf });
                         }
                     }
