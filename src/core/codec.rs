@@ -139,7 +139,10 @@ pub const COPY_PIECE: usize = 2048;
 /// memory); every other copy stays one `memcpy`.
 pub fn extend_bulk(dst: &mut Vec<u8>, src: &[u8]) {
     dst.reserve(src.len());
-    let gap = (dst.as_ptr() as usize + dst.len()).wrapping_sub(src.as_ptr() as usize) % 64;
+    let gap = (dst.as_ptr() as usize)
+        .wrapping_add(dst.len())
+        .wrapping_sub(src.as_ptr() as usize)
+        % 64;
     if src.len() <= COPY_PIECE || !(1..32).contains(&gap) {
         dst.extend_from_slice(src);
         return;
