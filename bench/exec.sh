@@ -90,6 +90,9 @@ done
 
 now_ns() { date +%s%N; }
 
+# Median of the numbers on standard input, one per line, with two decimals.
+median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f", m}'; }
+
 # Median wall time in ms of RUNS runs of "$@".
 median_ms() {
   local t0 t1 times=()
@@ -99,7 +102,7 @@ median_ms() {
     t1=$(now_ns)
     times+=($(( (t1 - t0) / 1000 )))
   done
-  printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f", m/1000}'
+  printf '%s\n' "${times[@]}" | awk '{print $1 / 1000}' | median
 }
 
 # CPU time (user + sys, children included) of a process, in clock ticks.
@@ -163,7 +166,6 @@ for pair in $(seq 1 "$PAIRS"); do
     "$q_tp" "$s_tp" "$ratio" "$q_cpu" "$s_cpu" "$q_steal" "$s_steal"
   rows+=("$ratio $cpu_ratio $q_tp $s_tp")
 done
-median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f", m}'; }
 col() { printf '%s\n' "${rows[@]}" | awk -v c="$1" '{print $c}' | median; }
 printf 'bulk     median of %d pairs    qssh %6.0f MB/s  ssh %6.0f MB/s  qssh/ssh %s  (goal >= 1.5)\n' \
   "$PAIRS" "$(col 3)" "$(col 4)" "$(col 1)"
