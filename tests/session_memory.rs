@@ -6,8 +6,8 @@ use qssh::core::frame::{ChannelKind, CloseCode};
 use qssh::core::handshake::{HandshakeConfig, HandshakeError};
 use qssh::core::identity::{Algorithm, Identity, PeerId};
 use qssh::core::limits::{
-    CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_DATA_EVENT,
-    MAX_FRAME_DATA, MAX_SPARE_BUFFERS, PQ_RATCHET_EVERY_STEPS,
+    CHANNEL_WINDOW, DH_RATCHET_MIN_INTERVAL, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL,
+    MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_SPARE_BUFFERS, PQ_RATCHET_EVERY_STEPS,
 };
 use qssh::core::session::{record_type, CloseReason, Event, Session, SessionConfig};
 use std::sync::Arc;
@@ -164,12 +164,12 @@ fn handshake_then_many_messages_both_ways_with_both_ratchet_kinds() {
             expect_b.extend_from_slice(m.as_bytes());
         }
         p.run();
-        p.advance(Duration::from_millis(25));
+        p.advance(DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5));
         let m = format!("b{i}\n");
         p.b.send(p.now, ch, m.as_bytes()).unwrap();
         expect_a.extend_from_slice(m.as_bytes());
         p.run();
-        p.advance(Duration::from_millis(25));
+        p.advance(DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5));
         p.a.consumed(p.now, ch, 1 << 30);
         p.b.consumed(p.now, ch, 1 << 30);
     }
@@ -536,6 +536,18 @@ fn recycled_data_buffers_are_reused_and_bounded() {
         assert_eq!(got.capacity(), MAX_DATA_EVENT);
     }
     assert_eq!(p.b.spare_buffers(), 0);
+
+    // A spare too small for the input at hand stays spare: the event gets a buffer of its
+    // size instead of growing one (growing would copy what it already holds).
+    p.b.recycle(Vec::with_capacity(MAX_FRAME_DATA));
+    let small = p.b.spare_buffers();
+    let got = take(&mut p, exec, &[7; 4 * MAX_FRAME_DATA]);
+    assert!(got.capacity() >= 4 * MAX_FRAME_DATA);
+    assert_eq!(
+        p.b.spare_buffers(),
+        small,
+        "the small spare was taken and grown"
+    );
 }
 
 #[test]

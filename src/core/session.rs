@@ -745,13 +745,18 @@ impl Session {
                         Some(Event::Data {
                             ch: last,
                             data: buf,
-                        }) if join && *last == ch && buf.len() + data.len() <= MAX_DATA_EVENT => {
+                        }) if join && *last == ch && buf.len() + data.len() <= buf.capacity() => {
                             extend_bulk(buf, data)
                         }
                         _ => {
+                            // Sized once for the rest of this input: a Data event never grows
+                            // (growing copies what it holds; a full one is followed by a new one).
                             let mut buf = if join {
                                 let cap = self.input_left.min(MAX_DATA_EVENT).max(data.len());
-                                self.spare.pop().unwrap_or_else(|| Vec::with_capacity(cap))
+                                match self.spare.iter().position(|b| b.capacity() >= cap) {
+                                    Some(i) => self.spare.swap_remove(i),
+                                    None => Vec::with_capacity(cap),
+                                }
                             } else {
                                 Vec::with_capacity(data.len())
                             };
