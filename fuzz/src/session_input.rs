@@ -18,10 +18,13 @@
 
 use super::fixture::{self, Peer};
 use qssh::core::frame::{ChannelKind, CloseCode, Frame};
-use qssh::core::limits::MAX_RECORD_PLAINTEXT;
+use qssh::core::limits::{DH_RATCHET_MIN_INTERVAL, MAX_RECORD_PLAINTEXT};
 use qssh::core::session::{record_type, Event, Session};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// A pause (ms) longer than `DH_RATCHET_MIN_INTERVAL`: a direction change after it steps.
+const STEP_GAP_MS: u16 = DH_RATCHET_MIN_INTERVAL.as_millis() as u16 + 5;
 
 /// Mode bytes.
 pub mod mode {
@@ -429,9 +432,9 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         // Direction changes more than DH_RATCHET_MIN_INTERVAL apart: both sides step.
         steps = steps
             .seal(&[data(0, &[b'a' + i, b'\n'])])
-            .advance(25)
+            .advance(STEP_GAP_MS)
             .app(app::SEND, 1)
-            .advance(25);
+            .advance(STEP_GAP_MS);
     }
     let scripts = [
         (

@@ -816,6 +816,11 @@ mod tests {
         Duration::from_millis(v)
     }
 
+    /// A pause a little longer than the DH step rate limit: the next send may step.
+    fn past_limit() -> Duration {
+        DH_RATCHET_MIN_INTERVAL + ms(5)
+    }
+
     /// Two parties in memory with a simulated clock.
     struct World {
         a: Ratchet,
@@ -942,8 +947,8 @@ mod tests {
         let mut kem_chains = 0;
         for round in 0..2 * u64::from(PQ_RATCHET_EVERY_STEPS) + 2 {
             for from_a in [true, false] {
-                copy.advance(ms(25));
-                inplace.advance(ms(25));
+                copy.advance(past_limit());
+                inplace.advance(past_limit());
                 let pt = format!("round {round}");
                 let sealed = copy.seal(from_a, pt.as_bytes());
                 kem_chains += usize::from(flags_of(&sealed) != 0);
@@ -1024,7 +1029,7 @@ mod tests {
         assert_eq!(open_with(&mk_of(&next(&ck0)), &m1, 1), b"one");
         // The initiator's first DH step: KDF_RK with the new key against B's handshake key.
         let rk0 = w.a.rk.clone();
-        w.advance(ms(25));
+        w.advance(past_limit());
         w.seal(true, b"x");
         let m = w.seal(true, b"after step");
         let dh = w.b.own.agree(&dh_of(&m)).unwrap();
@@ -1042,7 +1047,7 @@ mod tests {
         let mut total = 0;
         for round in 0..80u64 {
             for from_a in [true, false] {
-                w.advance(ms(25));
+                w.advance(past_limit());
                 let count = 1 + ((round * 7 + u64::from(from_a)) % 40) as usize;
                 let msgs = w.exchange(from_a, count, &format!("{round}{from_a}"));
                 total += count;
@@ -1075,14 +1080,15 @@ mod tests {
         assert_eq!((dh_of(&m0), w.a.stats().dh_steps), (eph_i, 0));
         assert_eq!(w.open(false, &m0).unwrap(), b"early");
         assert_eq!(w.b.stats().peer_dh_steps, 0);
-        w.advance(ms(15));
+        w.advance(DH_RATCHET_MIN_INTERVAL - ms(5));
         let m1 = w.seal(true, b"stepped");
         assert_eq!(w.a.stats().dh_steps, 1);
         assert_ne!(dh_of(&m1), eph_i);
         assert_eq!(pn_of(&m1), 1);
         w.open(false, &m1).unwrap();
         assert_eq!(w.a.root_fingerprint(), w.b.root_fingerprint());
-        // B last "stepped" at the handshake 21 ms ago: it may step now.
+        // B last "stepped" at the handshake, DH_RATCHET_MIN_INTERVAL + 1 ms ago: it may
+        // step now.
         w.advance(ms(1));
         let b0 = w.seal(false, b"reply");
         assert_eq!(w.b.stats().dh_steps, 1);
@@ -1092,9 +1098,9 @@ mod tests {
         let m2 = w.seal(true, b"deferred");
         assert_eq!(w.a.stats().dh_steps, 1);
         assert_eq!(dh_of(&m2), dh_of(&m1));
-        let allowed = w.now + ms(18);
+        let allowed = w.now + DH_RATCHET_MIN_INTERVAL - ms(2);
         assert!(!w.a.wants_ack(allowed - ms(1)));
-        w.advance(ms(17));
+        w.advance(DH_RATCHET_MIN_INTERVAL - ms(3));
         let m3 = w.seal(true, b"still deferred");
         assert_eq!((w.a.stats().dh_steps, dh_of(&m3)), (1, dh_of(&m1)));
         w.advance(ms(1));
@@ -1124,7 +1130,7 @@ mod tests {
         assert!(!w.b.wants_ack(w.t0 + RATCHET_ACK_INTERVAL * 10));
 
         // A one-way stream: B asks to acknowledge after N records.
-        w.advance(ms(25));
+        w.advance(past_limit());
         let n = RATCHET_ACK_EVERY_MESSAGES as usize;
         w.exchange(true, n - 1, "stream");
         assert!(!w.b.wants_ack(w.now));
@@ -1137,7 +1143,7 @@ mod tests {
         assert_eq!(w.b.poll_timeout(), None);
         assert_eq!(w.open(true, &ack).unwrap(), b"");
         assert!(!w.a.wants_ack(w.now));
-        w.advance(ms(25));
+        w.advance(past_limit());
         let next = w.exchange(true, 1, "after ack");
         assert_eq!(w.a.stats().dh_steps, 2);
         assert_eq!(w.b.stats().peer_dh_steps, 2);
@@ -1152,7 +1158,7 @@ mod tests {
         let ack = w.seal(false, b"");
         assert_eq!(w.b.stats().dh_steps, 2);
         w.open(true, &ack).unwrap();
-        w.advance(ms(25));
+        w.advance(past_limit());
         w.exchange(true, 1, "after timed ack");
         assert_eq!(w.a.stats().dh_steps, 3);
         assert_eq!(w.a.root_fingerprint(), w.b.root_fingerprint());
@@ -1192,7 +1198,7 @@ mod tests {
     fn pq_steps_by_step_count() {
         let mut w = World::new(4);
         let every = u64::from(PQ_RATCHET_EVERY_STEPS);
-        let seen = alternate(&mut w, 4 * every + 3, ms(25), 3, |r| {
+        let seen = alternate(&mut w, 4 * every + 3, past_limit(), 3, |r| {
             (r + 1) / u64::from(PQ_RATCHET_EVERY_STEPS)
         });
         for (from_a, chain, flags) in seen {
@@ -1227,7 +1233,7 @@ mod tests {
     #[test]
     fn out_of_order_within_and_across_chains() {
         let mut w = World::new(7);
-        w.advance(ms(25));
+        w.advance(past_limit());
         let a1: Vec<_> = (0..10).map(|i| w.seal(true, &[i])).collect();
         for i in [5, 0, 9, 3] {
             assert_eq!(w.open(false, &a1[i]).unwrap(), [i as u8]);
@@ -1239,9 +1245,9 @@ mod tests {
         }
         assert_eq!(w.b.stats().skipped_keys_stored, 4);
         // Direction change; A's next chain overtakes the rest of the old one.
-        w.advance(ms(25));
+        w.advance(past_limit());
         w.exchange(false, 1, "b");
-        w.advance(ms(25));
+        w.advance(past_limit());
         let a2: Vec<_> = (0..4).map(|i| w.seal(true, &[100 + i])).collect();
         assert_eq!(pn_of(&a2[0]), 10);
         assert_eq!(w.open(false, &a2[2]).unwrap(), [102]);
@@ -1260,7 +1266,7 @@ mod tests {
     #[test]
     fn max_skip_is_enforced_without_state_change() {
         let mut w = World::new(8);
-        w.advance(ms(25));
+        w.advance(past_limit());
         let skip = MAX_SKIP as usize;
         let m: Vec<_> = (0..2 * skip + 4)
             .map(|i| w.seal(true, &i.to_be_bytes()))
@@ -1289,14 +1295,14 @@ mod tests {
 
         // The jump to PN of the chain being left counts too.
         let mut w = World::new(9);
-        w.advance(ms(25));
+        w.advance(past_limit());
         let m: Vec<_> = (0..skip + 2)
             .map(|i| w.seal(true, &i.to_be_bytes()))
             .collect();
         w.open(false, &m[0]).unwrap();
-        w.advance(ms(25));
+        w.advance(past_limit());
         w.exchange(false, 1, "ack");
-        w.advance(ms(25));
+        w.advance(past_limit());
         let next = w.seal(true, b"next chain");
         assert_eq!(pn_of(&next), MAX_SKIP + 2);
         assert_eq!(w.open(false, &next), Err(RatchetError::TooManySkipped));
@@ -1310,7 +1316,7 @@ mod tests {
         let mut w = World::new(10);
         let mut chains = Vec::new();
         for c in 0..4 {
-            w.advance(ms(25));
+            w.advance(past_limit());
             let m: Vec<_> = (0..600u32)
                 .map(|i| w.seal(true, &i.to_be_bytes()))
                 .collect();
@@ -1318,7 +1324,7 @@ mod tests {
             assert!(w.b.stats().skipped_keys_stored <= MAX_SKIPPED_KEYS);
             assert_eq!(w.b.stats().skipped_keys_stored, (599 * (c + 1)).min(2000));
             chains.push(m);
-            w.advance(ms(25));
+            w.advance(past_limit());
             w.exchange(false, 1, "ack");
         }
         // 4 * 599 = 2396 keys were skipped; the 396 oldest (chain 0, n < 396) are gone.
@@ -1337,11 +1343,11 @@ mod tests {
         let mut held = Vec::new();
         let chains = MAX_OLD_CHAINS + 2;
         for _ in 0..chains {
-            w.advance(ms(25));
+            w.advance(past_limit());
             let m = [w.seal(true, b"late"), w.seal(true, b"on time")];
             w.open(false, &m[1]).unwrap();
             held.push(m[0].clone());
-            w.advance(ms(25));
+            w.advance(past_limit());
             w.exchange(false, 1, "ack");
         }
         assert_eq!(w.b.stats().skipped_keys_stored, MAX_OLD_CHAINS + 1);
@@ -1365,7 +1371,7 @@ mod tests {
         let mut delivered = Vec::new();
         for round in 0..3 {
             for from_a in [true, false] {
-                w.advance(ms(25));
+                w.advance(past_limit());
                 let m: Vec<_> = (0..5u8).map(|i| w.seal(from_a, &[round, i])).collect();
                 for i in [3, 0, 4, 1, 2] {
                     assert_eq!(w.open(!from_a, &m[i]).unwrap(), [round, i as u8]);
@@ -1376,7 +1382,7 @@ mod tests {
         for (to_a, m) in &delivered {
             assert_eq!(w.open(*to_a, m), Err(RatchetError::Replay));
         }
-        w.advance(ms(25));
+        w.advance(past_limit());
         w.exchange(true, 1, "still alive");
     }
 
@@ -1408,21 +1414,21 @@ mod tests {
         let mut w = World::new(13);
         // Reach the first PQ step: A's chain 8 offers a KEM key.
         for round in 1..PQ_RATCHET_EVERY_STEPS {
-            w.advance(ms(25));
+            w.advance(past_limit());
             w.exchange(true, 1, &format!("a{round}"));
-            w.advance(ms(25));
+            w.advance(past_limit());
             w.exchange(false, 1, &format!("b{round}"));
         }
-        w.advance(ms(25));
+        w.advance(past_limit());
         let a = [w.seal(true, b"offer 0"), w.seal(true, b"offer 1")];
         assert_eq!(flags_of(&a[0]), FLAG_KEM_EK);
         assert_eq!(assert_tamper_proof(&mut w, false, &a[0]), b"offer 0");
         assert_eq!(assert_tamper_proof(&mut w, false, &a[1]), b"offer 1");
-        w.advance(ms(25));
+        w.advance(past_limit());
         let b = w.seal(false, b"answer");
         assert_eq!(flags_of(&b), FLAG_KEM_CT);
         assert_eq!(assert_tamper_proof(&mut w, true, &b), b"answer");
-        w.advance(ms(25));
+        w.advance(past_limit());
         let plain = w.seal(true, b"plain");
         assert_eq!(flags_of(&plain), 0);
         assert_eq!(assert_tamper_proof(&mut w, false, &plain), b"plain");
@@ -1499,7 +1505,7 @@ mod tests {
         assert_eq!(w.open(true, &no_ct), Err(RatchetError::BadKem));
         let with_ct = crafted(fresh, FLAG_KEM_CT, &[], &[7; MLKEM_CT_LEN]);
         assert_eq!(w.open(true, &with_ct), Err(RatchetError::Auth));
-        w.advance(ms(25));
+        w.advance(past_limit());
         w.exchange(false, 1, "answer");
         assert_eq!(w.a.stats().pq_steps_completed, 1);
     }
@@ -1507,7 +1513,7 @@ mod tests {
     #[test]
     fn forward_secrecy_old_keys_are_erased() {
         let mut w = World::new(16);
-        w.advance(ms(25));
+        w.advance(past_limit());
         let m: Vec<_> = (0..4u8).map(|i| w.seal(true, &[i])).collect();
         for i in [0, 2, 3] {
             w.open(false, &m[i]).unwrap();
@@ -1525,7 +1531,7 @@ mod tests {
         let (old_a, old_b) = (w.a.secret_fingerprints(), w.b.secret_fingerprints());
         let (pub_a, pub_b) = (w.a.own_pub, w.b.own_pub);
         for from_a in [false, true] {
-            w.advance(ms(25));
+            w.advance(past_limit());
             w.exchange(from_a, 2, "step");
         }
         assert_ne!(w.a.own_pub, pub_a);
@@ -1547,7 +1553,7 @@ mod tests {
     #[test]
     fn debug_shows_no_secrets() {
         let mut w = World::new(17);
-        w.advance(ms(25));
+        w.advance(past_limit());
         w.exchange(true, 2, "x");
         let text = format!("{:?} {:?}", w.a, w.b);
         assert!(text.contains("dh_steps: 1"));
