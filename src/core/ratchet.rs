@@ -532,10 +532,15 @@ impl Ratchet {
         let ek = self.send.ek.as_deref().unwrap_or_default();
         let ct = self.send.ct.as_deref().unwrap_or_default();
         let at = head + HEADER_LEN;
-        if !ek.is_empty() || !ct.is_empty() {
-            buf.splice(at..at, ek.iter().chain(ct).copied());
-        }
         let body = at + ek.len() + ct.len();
+        if body > at {
+            // Room for the KEM fields: the plaintext moves once, the fields are copied in.
+            let end = buf.len();
+            buf.resize(end + (body - at), 0);
+            buf.copy_within(at..end, body);
+            buf[at..at + ek.len()].copy_from_slice(ek);
+            buf[at + ek.len()..body].copy_from_slice(ct);
+        }
         let aad = aad(ad, &buf[head..body]);
         let (mk, next) = kdf_ck(&self.send.ck);
         aead_seal(&mk, &nonce(n), &aad, buf, body);

@@ -16,7 +16,6 @@
 
 use super::codec::{extend_bulk, DecodeError, Reader, Writer};
 use super::crypto::SecureRandom;
-use super::crypto::TAG_LEN;
 use super::frame::{ChannelKind, CloseCode, Frame};
 use super::handshake::{
     self, HandshakeConfig, HandshakeError, InitiatorSent, InitiatorVerified, ResponderSent,
@@ -1142,7 +1141,9 @@ impl Session {
             self.flush(now);
         }
         if self.pending.is_empty() {
-            self.pending.reserve_exact(PENDING_HEAD + len + TAG_LEN);
+            // Room for the longest header too (KEM fields), so sealing never reallocates.
+            self.pending
+                .reserve_exact(RECORD_HEAD + Ratchet::MAX_OVERHEAD + len);
             self.pending.resize(PENDING_HEAD, 0);
         }
         frame.encode(&mut self.pending);
