@@ -8,9 +8,9 @@
 //!   peer (symmetric chain step, AES-256-GCM both ways), steady state: the clock does not
 //!   move, so no DH step is due. `ratchet/seal/16384` and `ratchet/open/16384`: one
 //!   direction only. Throughput is reported in plaintext bytes per second.
-//! - `ratchet/ping-pong-dh-step/64`: a message each way with 25 ms between them, so every
-//!   message starts a DH ratchet step (and every 8th step a PQ ML-KEM step): the cost of a
-//!   direction change.
+//! - `ratchet/ping-pong-dh-step/64`: a message each way, further apart (simulated time) than
+//!   `DH_RATCHET_MIN_INTERVAL`, so every message starts a DH ratchet step (and every 8th step
+//!   a PQ ML-KEM step): the cost of a direction change.
 //! - `session/send+recv/N`: one N-byte message on an open channel through the whole session
 //!   path of both ends (frame, record, ratchet, flow control, events), in memory.
 //! - `aead/seal/16384`: AES-256-GCM alone (`crypto::aead_seal`, in place, one key): the
@@ -24,7 +24,7 @@ use qssh::core::crypto::{aead_seal, DeterministicRandom, Secret32};
 use qssh::core::frame::ChannelKind;
 use qssh::core::handshake::{self, HandshakeConfig, HandshakeOutput};
 use qssh::core::identity::{Algorithm, Identity};
-use qssh::core::limits::{MAX_FRAME_DATA, MAX_RECORD_PLAINTEXT};
+use qssh::core::limits::{DH_RATCHET_MIN_INTERVAL, MAX_FRAME_DATA, MAX_RECORD_PLAINTEXT};
 use qssh::core::ratchet::{Ratchet, RatchetInit};
 use qssh::core::session::{Event, Session, SessionConfig};
 use std::hint::black_box;
@@ -192,11 +192,11 @@ fn ratchet(c: &mut Criterion) {
     g.bench_function("ping-pong-dh-step/64", |bench| {
         bench.iter(|| {
             let mut m = Vec::with_capacity(256);
-            t += Duration::from_millis(25);
+            t += DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
             a.seal(t, &mut rng, &sid, &pt, &mut m);
             b.open(t, &mut rng, &sid, &m).expect("opens");
             m.clear();
-            t += Duration::from_millis(25);
+            t += DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
             b.seal(t, &mut rng, &sid, &pt, &mut m);
             black_box(a.open(t, &mut rng, &sid, &m).expect("opens"))
         })
