@@ -24,11 +24,9 @@ pub const MAX_OLD_CHAINS: usize = 4;
 
 /// A DH ratchet step happens on the first send after a new peer ratchet key arrived, but at
 /// most once per this interval. It bounds the cost of fast direction changes: a step costs
-/// each side two or three X25519 operations, and every eighth one an ML-KEM step whose key
-/// and ciphertext ride in the headers of the chains around it. At 20 ms, bulk traffic both
-/// ways spent about 2 % of each session thread on X25519 and 0.85 % of its bytes on KEM
-/// headers; at 100 ms a fifth of that, and a compromise still heals within a few tenths of
-/// a second of traffic.
+/// each side two or three X25519 operations, and every eighth one an ML-KEM step. At 20 ms,
+/// bulk traffic both ways spent about 2 % of each session thread on X25519; at 100 ms a
+/// fifth of that, and a compromise still heals within a few tenths of a second of traffic.
 pub const DH_RATCHET_MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// A receiver that has taken this many records without sending sends an empty ratchet
 /// acknowledgement, so a one-way stream still steps the ratchet every N messages.
