@@ -6,15 +6,16 @@
 //!   X25519, one Falcon-512 signature and verification).
 //! - `ratchet/seal+open/N`: one message of N bytes sealed by one `Ratchet` and opened by its
 //!   peer (symmetric chain step, AES-256-GCM both ways), steady state: the clock does not
-//!   move, so no DH step is due. `ratchet/seal/16384` and `ratchet/open/16384`: one
-//!   direction only. Throughput is reported in plaintext bytes per second.
+//!   move, so no DH step is due. `ratchet/seal/N` and `ratchet/open/N` (N =
+//!   `MAX_RECORD_PLAINTEXT`): one direction only. Throughput is reported in plaintext bytes
+//!   per second.
 //! - `ratchet/ping-pong-dh-step/64`: a message each way, further apart (simulated time) than
 //!   `DH_RATCHET_MIN_INTERVAL`, so every message starts a DH ratchet step (and every 8th step
 //!   a PQ ML-KEM step): the cost of a direction change.
 //! - `session/send+recv/N`: one N-byte message on an open channel through the whole session
 //!   path of both ends (frame, record, ratchet, flow control, events), in memory.
-//! - `aead/seal/16384`: AES-256-GCM alone (`crypto::aead_seal`, in place, one key): the
-//!   ceiling for `ratchet/seal`.
+//! - `aead/seal/N` (N = `MAX_RECORD_PLAINTEXT`): AES-256-GCM alone (`crypto::aead_seal`, in
+//!   place, one key): the ceiling for `ratchet/seal`.
 //!
 //! Identities and handshake messages come from fixed deterministic generators, so every run
 //! does the same work.

@@ -477,7 +477,11 @@ fn standard_mdns_browser_sees_our_record() {
     assert_eq!(svc["port"], 2001, "{svc}");
     assert_eq!(svc["properties"]["port"], "2001", "{svc}");
     assert_eq!(svc["properties"]["name"], "zc host", "{svc}");
-    assert_eq!(svc["properties"]["v"], "1", "{svc}");
+    assert_eq!(
+        svc["properties"]["v"],
+        qssh::core::limits::PROTOCOL_VERSION.to_string().as_str(),
+        "{svc}"
+    );
     let ip = lab.hosts[0].ipv4.to_string();
     assert!(
         svc["addresses"]

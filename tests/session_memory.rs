@@ -7,7 +7,8 @@ use qssh::core::handshake::{HandshakeConfig, HandshakeError};
 use qssh::core::identity::{Algorithm, Identity, PeerId};
 use qssh::core::limits::{
     CHANNEL_WINDOW, DH_RATCHET_MIN_INTERVAL, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL,
-    MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_SPARE_BUFFERS, PQ_RATCHET_EVERY_STEPS,
+    MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_HANDSHAKE_MSG, MAX_RECORD_BODY, MAX_SPARE_BUFFERS,
+    PQ_RATCHET_EVERY_STEPS,
 };
 use qssh::core::session::{record_type, CloseReason, Event, Session, SessionConfig};
 use std::sync::Arc;
@@ -389,6 +390,29 @@ fn oversized_length_prefix_closes_at_once() {
     assert!(p.b.is_closed());
 }
 
+/// Before the handshake completes a record may be at most a handshake message long; the
+/// larger ratchet-record limit applies only once the session is established.
+#[test]
+fn record_length_limit_follows_the_session_state() {
+    let prefix = |body: usize| ((1 + body) as u32).to_be_bytes();
+    // A responder waiting for INIT: one byte over MAX_HANDSHAKE_MSG ends it at once.
+    let (ia, ib) = (ident(1), ident(2));
+    let mut p = Pair::new(cfg(&ia, "alice"), cfg(&ib, "bob"), None);
+    p.b.handle_input(p.now, &prefix(MAX_HANDSHAKE_MSG + 1));
+    assert!(
+        p.b.is_closed(),
+        "a handshake record above MAX_HANDSHAKE_MSG was accepted"
+    );
+    // Established: a prefix up to MAX_RECORD_BODY waits for its body, one more byte ends it.
+    let mut p = Pair::established();
+    p.b.handle_input(p.now, &prefix(MAX_RECORD_BODY));
+    assert!(!p.b.is_closed());
+    let mut p = Pair::established();
+    p.b.handle_input(p.now, &prefix(MAX_RECORD_BODY + 1));
+    assert!(p.b.is_closed());
+    const { assert!(MAX_RECORD_BODY > MAX_HANDSHAKE_MSG) };
+}
+
 #[test]
 fn every_flipped_byte_of_a_record_is_rejected() {
     let mut base = Pair::established();
@@ -585,9 +609,9 @@ fn a_full_read_goes_out_in_full_records_only() {
     use qssh::app::{exec::PIPE_READ_CHUNK, forward::FORWARD_READ_CHUNK, shell::STDIN_READ_CHUNK};
     use qssh::core::service::MSG_HEADER;
     for (len, records) in [
-        (MSG_HEADER + PIPE_READ_CHUNK, 16),
-        (MSG_HEADER + STDIN_READ_CHUNK, 16),
-        (FORWARD_READ_CHUNK, 4),
+        (MSG_HEADER + PIPE_READ_CHUNK, 4),
+        (MSG_HEADER + STDIN_READ_CHUNK, 4),
+        (FORWARD_READ_CHUNK, 1),
     ] {
         let mut p = Pair::established();
         let ch = p.open(ChannelKind::Exec);

@@ -36,9 +36,9 @@ use tracing::{debug, info, warn};
 
 /// Bytes read from a command's stdout/stderr pipe per message (fewer, larger messages: each
 /// costs a driver round trip; 64 KiB measured ~10% more CPU per byte). Just under 256 KiB:
-/// with its message header a full read is exactly 16 full frames, so no short record
-/// follows every message.
-pub const PIPE_READ_CHUNK: usize = 16 * MAX_FRAME_DATA - MSG_HEADER;
+/// with its message header a full read is exactly 4 full frames (and records), so no short
+/// record follows every message.
+pub const PIPE_READ_CHUNK: usize = 4 * MAX_FRAME_DATA - MSG_HEADER;
 /// Kernel buffer asked for the command's pipes (fewer wake-ups for bulk output).
 pub const CHILD_PIPE_SIZE: usize = 1 << 20;
 /// Bytes read from a PTY master per message.

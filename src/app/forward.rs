@@ -28,8 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 /// Bytes read from a forwarded TCP connection per channel message: about 64 KiB, exactly
-/// four full frames.
-pub const FORWARD_READ_CHUNK: usize = 4 * MAX_FRAME_DATA;
+/// one full frame.
+pub const FORWARD_READ_CHUNK: usize = MAX_FRAME_DATA;
 /// How long connecting to a forward's destination may take.
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client waits for the listener to report the port of a remote forward.

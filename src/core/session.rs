@@ -12,7 +12,8 @@
 //!    the next `poll_transmit` seals into records (several frames per record when they fit).
 //!
 //! Stream record: `len u32 | type u8 | body`, `len` = 1 + body length, at most
-//! `1 + MAX_RECORD_BODY`; an oversized prefix ends the session before its body is read.
+//! `1 + MAX_HANDSHAKE_MSG` before the session is established and `1 + MAX_RECORD_BODY`
+//! after; an oversized prefix ends the session before its body is read.
 
 use super::codec::{extend_bulk, DecodeError, Reader, Writer};
 use super::crypto::SecureRandom;
@@ -23,8 +24,8 @@ use super::handshake::{
 use super::identity::{PeerId, PublicIdentity};
 use super::limits::{
     CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_CHANNELS,
-    MAX_CHANNEL_PARAMS, MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_QUEUED_RECORDS, MAX_RECORD_BODY,
-    MAX_RECORD_PLAINTEXT, MAX_SPARE_BUFFERS,
+    MAX_CHANNEL_PARAMS, MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_HANDSHAKE_MSG, MAX_QUEUED_RECORDS,
+    MAX_RECORD_BODY, MAX_RECORD_PLAINTEXT, MAX_SPARE_BUFFERS,
 };
 use super::ratchet::{Ratchet, RatchetError, RatchetInit, HEADER_LEN};
 use std::collections::{HashMap, VecDeque};
@@ -418,7 +419,11 @@ impl Session {
     /// it is out of range: an oversized prefix ends the session before its body is read.
     fn record_len(&mut self, now: Instant, prefix: &[u8]) -> Option<usize> {
         let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
-        if len == 0 || len > 1 + MAX_RECORD_BODY {
+        let max = match self.state {
+            State::Established(_) => MAX_RECORD_BODY,
+            _ => MAX_HANDSHAKE_MSG,
+        };
+        if len == 0 || len > 1 + max {
             self.fail(
                 now,
                 CloseReason::Protocol(format!("record length {len} out of range")),
