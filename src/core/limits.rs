@@ -11,7 +11,7 @@ pub const PROTOCOL_VERSION: u8 = 2;
 pub const MAX_HANDSHAKE_MSG: usize = 32 * 1024;
 /// Largest application plaintext carried by one ratchet record. Every record costs a
 /// chain-key step, an AES key schedule and its header and tag; at 64 KiB instead of 16 KiB
-/// bulk transfer spent about 7 % less CPU (bench/README, exec session 8).
+/// bulk transfer spent about 5 % less CPU (bench/README, exec session 8).
 pub const MAX_RECORD_PLAINTEXT: usize = 64 * 1024;
 /// Largest record body on an established stream link (a ratchet record with KEM fields; the
 /// ratchet asserts it is enough). Before establishment records are handshake messages,
