@@ -655,6 +655,22 @@ mod tests {
         );
     }
 
+    /// A peer that speaks only protocol version 1 (16 KiB records) is refused at the
+    /// handshake, never in the middle of a session.
+    #[test]
+    fn a_version_1_peer_is_refused_at_the_handshake() {
+        let mut rng = DeterministicRandom::new(6);
+        let ci = cfg(&mut rng, Algorithm::Falcon512, "a");
+        let cr = cfg(&mut rng, Algorithm::Falcon512, "b");
+        let (_, mut init) = initiate(&mut rng, ci);
+        assert_eq!((init[4], init[5]), (1, PROTOCOL_VERSION));
+        init[5] = 1;
+        assert_eq!(
+            respond(&mut rng, cr, &init).err(),
+            Some(HandshakeError::NoCommonVersion(vec![1]))
+        );
+    }
+
     #[test]
     fn every_byte_flip_is_rejected() {
         let mut rng = DeterministicRandom::new(5);
