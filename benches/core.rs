@@ -190,14 +190,15 @@ fn ratchet(c: &mut Criterion) {
     let mut t = now;
     let pt = [0x5au8; 64];
     g.throughput(Throughput::Bytes(2 * 64));
+    let gap = DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
     g.bench_function("ping-pong-dh-step/64", |bench| {
         bench.iter(|| {
             let mut m = Vec::with_capacity(256);
-            t += DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
+            t += gap;
             a.seal(t, &mut rng, &sid, &pt, &mut m);
             b.open(t, &mut rng, &sid, &m).expect("opens");
             m.clear();
-            t += DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
+            t += gap;
             b.seal(t, &mut rng, &sid, &pt, &mut m);
             black_box(a.open(t, &mut rng, &sid, &m).expect("opens"))
         })

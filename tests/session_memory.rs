@@ -157,6 +157,8 @@ fn handshake_then_many_messages_both_ways_with_both_ratchet_kinds() {
     let ch = p.open(ChannelKind::Chat);
     let mut expect_b = Vec::new();
     let mut expect_a = Vec::new();
+    // Longer than the DH step rate limit: every direction change steps.
+    let gap = DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
     for i in 0..(4 * PQ_RATCHET_EVERY_STEPS + 4) {
         // A burst from A, then a burst from B: every burst is a direction change.
         for j in 0..5 {
@@ -165,12 +167,12 @@ fn handshake_then_many_messages_both_ways_with_both_ratchet_kinds() {
             expect_b.extend_from_slice(m.as_bytes());
         }
         p.run();
-        p.advance(DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5));
+        p.advance(gap);
         let m = format!("b{i}\n");
         p.b.send(p.now, ch, m.as_bytes()).unwrap();
         expect_a.extend_from_slice(m.as_bytes());
         p.run();
-        p.advance(DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5));
+        p.advance(gap);
         p.a.consumed(p.now, ch, 1 << 30);
         p.b.consumed(p.now, ch, 1 << 30);
     }
