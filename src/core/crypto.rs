@@ -226,6 +226,18 @@ pub fn aead_open(
     AeadKey::new(key).open(nonce, aad, buf)
 }
 
+/// Decrypts `buf[src..]` (`ciphertext || tag`) into the start of `buf`; returns the
+/// plaintext length. On failure the output part is overwritten with zeros.
+pub fn aead_open_within(
+    key: &Secret32,
+    nonce: &[u8; 12],
+    aad: &[u8],
+    buf: &mut [u8],
+    src: usize,
+) -> Result<usize, CryptoError> {
+    AeadKey::new(key).open_within(nonce, aad, buf, src)
+}
+
 /// An AES-256-GCM key with its key schedule and GHASH table computed once: built per message
 /// by [`aead_seal`]/[`aead_open`] (the ratchet's one-message keys), and kept for keys that
 /// seal or open many messages (datagram epochs: one key, up to 2^32 packets). Never printed.
@@ -264,6 +276,27 @@ impl AeadKey {
     pub fn open(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> Result<usize, CryptoError> {
         self.0
             .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
+            .map(|plain| plain.len())
+            .map_err(|_| CryptoError::Auth)
+    }
+
+    /// [`AeadKey::open`] moving the result: decrypts `buf[src..]` into the start of `buf` in
+    /// the same pass (ring reads ahead of where it writes). On failure the first
+    /// `buf.len() - src - TAG_LEN` bytes are overwritten with zeros.
+    pub fn open_within(
+        &self,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        buf: &mut [u8],
+        src: usize,
+    ) -> Result<usize, CryptoError> {
+        self.0
+            .open_within(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                buf,
+                src..,
+            )
             .map(|plain| plain.len())
             .map_err(|_| CryptoError::Auth)
     }

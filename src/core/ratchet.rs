@@ -96,9 +96,9 @@
 
 use super::codec::{DecodeError, Reader};
 use super::crypto::{
-    aead_open, aead_seal, hkdf_expand, hkdf_extract, hmac_sha256_pair, mlkem_encapsulate,
-    MlKemSecret, Secret32, SecureRandom, X25519Secret, MLKEM_CT_LEN, MLKEM_EK_LEN, TAG_LEN,
-    X25519_LEN,
+    aead_open, aead_open_within, aead_seal, hkdf_expand, hkdf_extract, hmac_sha256_pair,
+    mlkem_encapsulate, MlKemSecret, Secret32, SecureRandom, X25519Secret, MLKEM_CT_LEN,
+    MLKEM_EK_LEN, TAG_LEN, X25519_LEN,
 };
 use super::labels;
 use super::limits::{
@@ -265,38 +265,40 @@ struct Parsed<'a> {
     header: &'a [u8],
 }
 
-/// Parses and bounds-checks `msg`; returns its header and, separately, the mutable
-/// `ciphertext || tag` part (decrypted in place later).
-fn parse(msg: &mut [u8]) -> Result<(Parsed<'_>, &mut [u8]), DecodeError> {
-    let (dh, pn, n, flags, header_len) = {
-        let mut r = Reader::new(msg);
-        let dh = r.array::<X25519_LEN>()?;
-        let pn = r.u32()?;
-        let n = r.u32()?;
-        let flags = r.u8()?;
-        if flags & !(FLAG_KEM_EK | FLAG_KEM_CT) != 0 {
-            return Err(DecodeError::Invalid("ratchet header flags"));
-        }
-        if n == u32::MAX {
-            return Err(DecodeError::Invalid("ratchet message number"));
-        }
-        if flags & FLAG_KEM_EK != 0 {
-            r.take(MLKEM_EK_LEN)?;
-        }
-        if flags & FLAG_KEM_CT != 0 {
-            r.take(MLKEM_CT_LEN)?;
-        }
-        let body = r.rest().len();
-        if body < TAG_LEN {
-            return Err(DecodeError::Truncated);
-        }
-        if body - TAG_LEN > MAX_RECORD_PLAINTEXT {
-            return Err(DecodeError::TooLong(body - TAG_LEN, MAX_RECORD_PLAINTEXT));
-        }
-        (dh, pn, n, flags, msg.len() - body)
-    };
-    let (header, body) = msg.split_at_mut(header_len);
-    let header: &[u8] = header;
+/// Bounds-checks `msg` (flags, KEM fields, body length); returns the length of its header,
+/// which [`parsed`] then reads.
+fn header_len(msg: &[u8]) -> Result<usize, DecodeError> {
+    let mut r = Reader::new(msg);
+    r.take(X25519_LEN + 4)?;
+    let n = r.u32()?;
+    let flags = r.u8()?;
+    if flags & !(FLAG_KEM_EK | FLAG_KEM_CT) != 0 {
+        return Err(DecodeError::Invalid("ratchet header flags"));
+    }
+    if n == u32::MAX {
+        return Err(DecodeError::Invalid("ratchet message number"));
+    }
+    if flags & FLAG_KEM_EK != 0 {
+        r.take(MLKEM_EK_LEN)?;
+    }
+    if flags & FLAG_KEM_CT != 0 {
+        r.take(MLKEM_CT_LEN)?;
+    }
+    let body = r.rest().len();
+    if body < TAG_LEN {
+        return Err(DecodeError::Truncated);
+    }
+    if body - TAG_LEN > MAX_RECORD_PLAINTEXT {
+        return Err(DecodeError::TooLong(body - TAG_LEN, MAX_RECORD_PLAINTEXT));
+    }
+    Ok(msg.len() - body)
+}
+
+/// The fields of a header that [`header_len`] accepted (exactly its bytes).
+fn parsed(header: &[u8]) -> Parsed<'_> {
+    let (dh, rest) = header.split_at(X25519_LEN);
+    let word = |at: usize| u32::from_be_bytes(rest[at..at + 4].try_into().expect("4 bytes"));
+    let flags = rest[8];
     let mut kem = &header[HEADER_LEN..];
     let mut field = |present: bool, len: usize| {
         present.then(|| {
@@ -307,17 +309,22 @@ fn parse(msg: &mut [u8]) -> Result<(Parsed<'_>, &mut [u8]), DecodeError> {
     };
     let ek = field(flags & FLAG_KEM_EK != 0, MLKEM_EK_LEN);
     let ct = field(flags & FLAG_KEM_CT != 0, MLKEM_CT_LEN);
-    Ok((
-        Parsed {
-            dh,
-            pn,
-            n,
-            ek,
-            ct,
-            header,
-        },
-        body,
-    ))
+    Parsed {
+        dh: dh.try_into().expect("32 bytes"),
+        pn: word(0),
+        n: word(4),
+        ek,
+        ct,
+        header,
+    }
+}
+
+/// Where a message's `ciphertext || tag` is, and where its plaintext goes.
+enum Body<'a> {
+    /// Decrypted where it is.
+    InPlace(&'a mut [u8]),
+    /// `buf[src..]` is decrypted into the start of `buf`.
+    Within { buf: &'a mut [u8], src: usize },
 }
 
 /// `KDF_RK`: returns (new root key, new chain key).
@@ -351,15 +358,20 @@ fn aad(ad: &[u8], header: &[u8]) -> Vec<u8> {
     aad
 }
 
-/// Decrypts `ciphertext || tag` in place; returns the plaintext length. On failure `body` is
-/// unchanged (the tag is verified before anything is decrypted).
+/// Decrypts `ciphertext || tag`; returns the plaintext length. On failure the plaintext's
+/// place is overwritten with zeros (ring decrypts while it authenticates).
 fn decrypt(
     mk: &Secret32,
     ad: &[u8],
     m: &Parsed<'_>,
-    body: &mut [u8],
+    body: Body<'_>,
 ) -> Result<usize, RatchetError> {
-    aead_open(mk, &nonce(m.n), &aad(ad, m.header), body).map_err(|_| RatchetError::Auth)
+    let (nonce, aad) = (nonce(m.n), aad(ad, m.header));
+    match body {
+        Body::InPlace(buf) => aead_open(mk, &nonce, &aad, buf),
+        Body::Within { buf, src } => aead_open_within(mk, &nonce, &aad, buf, src),
+    }
+    .map_err(|_| RatchetError::Auth)
 }
 
 /// Advances a copy of `ck` from message `from` to `to`, collecting the skipped keys, and
@@ -577,28 +589,62 @@ impl Ratchet {
         ad: &[u8],
         msg: &mut [u8],
     ) -> Result<std::ops::Range<usize>, RatchetError> {
-        let (m, body) = parse(msg)?;
-        let start = m.header.len();
-        let len = if let Some(i) = self.skipped.iter().position(|k| k.dh == m.dh && k.n == m.n) {
-            let len = decrypt(&self.skipped[i].mk, ad, &m, body)?;
+        let at = header_len(msg)?;
+        let (header, body) = msg.split_at_mut(at);
+        let len = self.open_parsed(now, rng, ad, &parsed(header), Body::InPlace(body))?;
+        Ok(at..at + len)
+    }
+
+    /// [`Ratchet::open_in_place`] for the message `buf[msg..]`, with its plaintext moved to
+    /// the start of `buf` in the same pass (a receiver lines records' contents up this way).
+    /// Returns the plaintext's length. On an authentication failure that many bytes at the
+    /// start of `buf` are overwritten with zeros; on any other error `buf` is unchanged.
+    pub fn open_within(
+        &mut self,
+        now: Instant,
+        rng: &mut dyn SecureRandom,
+        ad: &[u8],
+        buf: &mut [u8],
+        msg: usize,
+    ) -> Result<usize, RatchetError> {
+        let len = header_len(&buf[msg..])?;
+        // The header is read after the plaintext may have overwritten it: keep a copy (its
+        // fixed part, or up to two KEM fields on the few messages that carry them).
+        let header = buf[msg..msg + len].to_vec();
+        let body = Body::Within {
+            buf,
+            src: msg + len,
+        };
+        self.open_parsed(now, rng, ad, &parsed(&header), body)
+    }
+
+    fn open_parsed(
+        &mut self,
+        now: Instant,
+        rng: &mut dyn SecureRandom,
+        ad: &[u8],
+        m: &Parsed<'_>,
+        body: Body<'_>,
+    ) -> Result<usize, RatchetError> {
+        if let Some(i) = self.skipped.iter().position(|k| k.dh == m.dh && k.n == m.n) {
+            let len = decrypt(&self.skipped[i].mk, ad, m, body)?;
             self.skipped.remove(i);
             self.received();
-            len
+            Ok(len)
         } else if m.dh == self.recv.dh {
-            self.open_current(ad, &m, body)?
+            self.open_current(ad, m, body)
         } else if self.old_chains.contains(&m.dh) {
-            return Err(RatchetError::Replay);
+            Err(RatchetError::Replay)
         } else {
-            self.open_new_chain(now, rng, ad, &m, body)?
-        };
-        Ok(start..start + len)
+            self.open_new_chain(now, rng, ad, m, body)
+        }
     }
 
     fn open_current(
         &mut self,
         ad: &[u8],
         m: &Parsed<'_>,
-        body: &mut [u8],
+        body: Body<'_>,
     ) -> Result<usize, RatchetError> {
         if m.n < self.recv.n {
             return Err(RatchetError::Replay);
@@ -623,7 +669,7 @@ impl Ratchet {
         rng: &mut dyn SecureRandom,
         ad: &[u8],
         m: &Parsed<'_>,
-        body: &mut [u8],
+        body: Body<'_>,
     ) -> Result<usize, RatchetError> {
         if self.unanswered_since.is_some() {
             return Err(RatchetError::UnexpectedKey);
@@ -947,15 +993,18 @@ mod tests {
     #[test]
     fn in_place_seal_and_open_match_the_copying_calls() {
         // Same seed, same operations: `copy` uses seal/open, `inplace` the in-place calls,
-        // over enough direction changes for chains that carry KEM fields.
-        let (mut copy, mut inplace) = (World::new(41), World::new(41));
+        // `within` opens messages lying further into a buffer, over enough direction changes
+        // for chains that carry KEM fields.
+        let (mut copy, mut inplace, mut within) = (World::new(41), World::new(41), World::new(41));
         let mut kem_chains = 0;
         for round in 0..2 * u64::from(PQ_RATCHET_EVERY_STEPS) + 2 {
             for from_a in [true, false] {
                 copy.advance(past_limit());
                 inplace.advance(past_limit());
                 let pt = format!("round {round}");
+                within.advance(past_limit());
                 let sealed = copy.seal(from_a, pt.as_bytes());
+                assert_eq!(within.seal(from_a, pt.as_bytes()), sealed);
                 kem_chains += usize::from(flags_of(&sealed) != 0);
                 let mut buf = b"prefix".to_vec();
                 buf.resize(6 + HEADER_LEN, 0);
@@ -993,6 +1042,28 @@ mod tests {
                     .open_in_place(now, &mut inplace.rng, AD, &mut msg)
                     .unwrap();
                 assert_eq!(&msg[range], pt.as_bytes());
+
+                // The message `lead` bytes into a buffer (from less than a header to more
+                // than a KEM field), its plaintext moved to the buffer's start.
+                let lead = [1, 7, 45, 1200, 3000][round as usize % 5];
+                let r = if from_a { &mut within.b } else { &mut within.a };
+                let mut buf = vec![0x77; lead];
+                buf.extend_from_slice(&sealed);
+                *buf.last_mut().unwrap() ^= 1;
+                let before = r.snapshot();
+                let res = r.open_within(now, &mut within.rng, AD, &mut buf, lead);
+                assert_eq!(res, Err(RatchetError::Auth));
+                assert_eq!(r.snapshot(), before, "failed open changed the ratchet");
+                assert!(
+                    !buf.windows(pt.len()).any(|w| w == pt.as_bytes()),
+                    "failed open left plaintext behind"
+                );
+                let mut buf = vec![0x77; lead];
+                buf.extend_from_slice(&sealed);
+                let len = r
+                    .open_within(now, &mut within.rng, AD, &mut buf, lead)
+                    .unwrap();
+                assert_eq!(&buf[..len], pt.as_bytes());
             }
         }
         assert!(kem_chains > 0, "no chain carried KEM fields");
