@@ -279,7 +279,7 @@ fn session(c: &mut Criterion) {
                     if let Event::Data { ch, data } = ev {
                         b.consumed(now, ch, data.len());
                         // As the applications do: the emptied buffer carries the next event.
-                        b.recycle(black_box(data));
+                        b.recycle(black_box(data.into_buffer()));
                     }
                 }
                 // Window updates back to the sender.

@@ -487,7 +487,7 @@ fn stream_data_arriving_together_is_one_event_chat_messages_stay_apart() {
     assert!(p.a.send_message(p.now, chat, b"one").unwrap());
     assert!(p.a.send_message(p.now, chat, b"two").unwrap());
     let mut input = a_records(&mut p);
-    p.b.handle_input_mut(p.now, &mut input);
+    p.b.handle_input_buf(p.now, &mut input);
     let evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
     let data: Vec<(u32, usize)> = evs
         .iter()
@@ -502,22 +502,26 @@ fn stream_data_arriving_together_is_one_event_chat_messages_stay_apart() {
     assert_eq!(data_of(&mut evs, chat), b"onetwo");
 }
 
-/// A Data event's buffer handed back with `recycle` carries the next Data event (no new
-/// allocation); chat messages never take a spare; at most MAX_SPARE_BUFFERS are kept and
-/// buffers larger than a Data event are refused.
+/// A Data event's buffer handed back with `recycle` is reused: as the buffer that replaces
+/// a read buffer handed to the application, or to carry data too small to take the read
+/// buffer. Chat messages never take a spare; at most MAX_SPARE_BUFFERS are kept and buffers
+/// larger than a Data event are refused.
 #[test]
 fn recycled_data_buffers_are_reused_and_bounded() {
     let mut p = Pair::established();
     let exec = p.open(ChannelKind::Exec);
     let chat = p.open(ChannelKind::Chat);
-    let take = |p: &mut Pair, ch: u32, data: &[u8]| -> Vec<u8> {
+    // Delivers `data` to B in a read buffer of MAX_DATA_EVENT bytes (as the TCP driver's);
+    // returns the Data event's buffer and the read buffer B left.
+    let take = |p: &mut Pair, ch: u32, data: &[u8]| -> (Vec<u8>, Vec<u8>) {
         if ch == chat {
             assert!(p.a.send_message(p.now, ch, data).unwrap());
         } else {
             assert_eq!(p.a.send(p.now, ch, data).unwrap(), data.len());
         }
-        let mut input = a_records(p);
-        p.b.handle_input_mut(p.now, &mut input);
+        let mut input = Vec::with_capacity(MAX_DATA_EVENT);
+        input.extend_from_slice(&a_records(p));
+        p.b.handle_input_buf(p.now, &mut input);
         p.b.consumed(p.now, ch, data.len());
         let got = std::iter::from_fn(|| p.b.poll_event())
             .find_map(|e| match e {
@@ -525,27 +529,35 @@ fn recycled_data_buffers_are_reused_and_bounded() {
                 _ => None,
             })
             .expect("a data event");
-        assert_eq!(got, data);
+        assert_eq!(&got[..], data);
         // Let A see B's window updates before the next send.
         while let Some(rec) = p.b.poll_transmit(p.now) {
             p.a.handle_input(p.now, &rec);
         }
-        got
+        (got.into_buffer(), input)
     };
-    // Larger than one frame, so the event's buffer is one the session keeps (it refuses
-    // buffers smaller than a frame).
-    let first = take(&mut p, exec, &[1; 2 * MAX_FRAME_DATA]);
-    assert!(first.capacity() >= MAX_FRAME_DATA);
+    // Enough data to take the read buffer itself; its replacement is new.
+    let (first, _) = take(&mut p, exec, &[1; 2 * MAX_FRAME_DATA]);
+    assert_eq!(first.capacity(), MAX_DATA_EVENT);
     let ptr = first.as_ptr();
     p.b.recycle(first);
-    let chat_msg = take(&mut p, chat, b"hello");
+    let (chat_msg, _) = take(&mut p, chat, b"hello");
     assert_ne!(
         chat_msg.as_ptr(),
         ptr,
         "a chat message took the spare buffer"
     );
-    let second = take(&mut p, exec, &[2; 3000]);
+    // Too little data for the read buffer: copied, into the spare.
+    let (second, _) = take(&mut p, exec, &[2; 3000]);
     assert_eq!(second.as_ptr(), ptr, "the recycled buffer was not reused");
+    p.b.recycle(second);
+    // A read buffer handed over is replaced by the spare.
+    let (_, input) = take(&mut p, exec, &[3; 2 * MAX_FRAME_DATA]);
+    assert_eq!(
+        input.as_ptr(),
+        ptr,
+        "the spare did not replace the read buffer"
+    );
 
     // Bounded: only MAX_SPARE_BUFFERS are kept, buffers too large or too small never.
     assert_eq!(p.b.spare_buffers(), 0);
@@ -558,22 +570,140 @@ fn recycled_data_buffers_are_reused_and_bounded() {
     assert_eq!(p.b.spare_buffers(), MAX_SPARE_BUFFERS);
     // Each stream Data event takes one.
     for i in 0..MAX_SPARE_BUFFERS {
-        let got = take(&mut p, exec, &[i as u8; 100]);
+        let (got, _) = take(&mut p, exec, &[i as u8; 100]);
         assert_eq!(got.capacity(), MAX_DATA_EVENT);
     }
     assert_eq!(p.b.spare_buffers(), 0);
 
-    // A spare too small for the input at hand stays spare: the event gets a buffer of its
+    // A spare too small for the data at hand stays spare: the event gets a buffer of its
     // size instead of growing one (growing would copy what it already holds).
     p.b.recycle(Vec::with_capacity(MAX_FRAME_DATA));
     let small = p.b.spare_buffers();
-    let got = take(&mut p, exec, &[7; 4 * MAX_FRAME_DATA]);
-    assert!(got.capacity() >= 4 * MAX_FRAME_DATA);
+    let (got, _) = take(&mut p, exec, &[7; MAX_FRAME_DATA + 1]);
+    assert!(got.capacity() > MAX_FRAME_DATA);
     assert_eq!(
         p.b.spare_buffers(),
         small,
         "the small spare was taken and grown"
     );
+}
+
+/// Bulk data is delivered in the read buffer it arrived in, decrypted and lined up in place
+/// (no copy), even when other frames sit between the DATA frames; the unfinished record at
+/// the end stays in the buffer that replaces it, and completes with the next read.
+#[test]
+fn bulk_data_is_delivered_in_the_read_buffer_it_arrived_in() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    // B sends to A first, so that A's records carry window updates ahead of its data.
+    assert_eq!(p.b.send(p.now, ch, &[9; 5000]).unwrap(), 5000);
+    p.run();
+    p.a.consumed(p.now, ch, 5000);
+    let bulk: Vec<u8> = (0..3 * MAX_FRAME_DATA + 1234)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    assert_eq!(p.a.send(p.now, ch, &bulk).unwrap(), bulk.len());
+    let records = a_records(&mut p);
+    // The buffer ends 100 bytes into the last record.
+    let mut last = 0;
+    while let Some(len) = records.get(last..last + 4) {
+        let next = last + 4 + u32::from_be_bytes(len.try_into().unwrap()) as usize;
+        if next == records.len() {
+            break;
+        }
+        last = next;
+    }
+    assert!(last > 0);
+    let cut = last + 100;
+    let mut input = Vec::with_capacity(MAX_DATA_EVENT);
+    input.extend_from_slice(&records[..cut]);
+    let base = input.as_ptr() as usize;
+    p.b.handle_input_buf(p.now, &mut input);
+    let evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    assert!(closed_reason(&evs).is_none(), "{evs:?}");
+    let first = evs
+        .iter()
+        .find_map(|e| match e {
+            Event::Data { data, .. } => Some(data),
+            _ => None,
+        })
+        .expect("a data event");
+    let at = first.as_ptr() as usize;
+    assert!(
+        (base..base + MAX_DATA_EVENT).contains(&at),
+        "the data was copied out of the read buffer"
+    );
+    assert_eq!(
+        input.len(),
+        cut - last,
+        "the unfinished record was not kept"
+    );
+    assert_ne!(input.as_ptr() as usize, base);
+    input.extend_from_slice(&records[cut..]);
+    p.b.handle_input_buf(p.now, &mut input);
+    assert!(input.is_empty());
+    let mut evs: Vec<Event> = evs
+        .into_iter()
+        .chain(std::iter::from_fn(|| p.b.poll_event()))
+        .collect();
+    assert_eq!(data_of(&mut evs, ch), bulk);
+}
+
+/// Data of several channels in one read: each channel's bytes arrive whole and in order,
+/// whichever of them takes the read buffer.
+#[test]
+fn interleaved_channels_in_one_read_each_arrive_whole() {
+    let mut p = Pair::established();
+    let (x, y, chat) = (
+        p.open(ChannelKind::Exec),
+        p.open(ChannelKind::Exec),
+        p.open(ChannelKind::Chat),
+    );
+    let data = |seed: usize, n: usize| -> Vec<u8> { (0..n).map(|i| (i * seed) as u8).collect() };
+    let (mut want_x, mut want_y) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let dx = data(3 + round, MAX_FRAME_DATA / 2 + round);
+        let dy = data(7 + round, 1000 + round);
+        assert_eq!(p.a.send(p.now, x, &dx).unwrap(), dx.len());
+        assert!(p.a.send_message(p.now, chat, b"hi").unwrap());
+        assert_eq!(p.a.send(p.now, y, &dy).unwrap(), dy.len());
+        want_x.extend(dx);
+        want_y.extend(dy);
+    }
+    let mut input = Vec::with_capacity(MAX_DATA_EVENT);
+    input.extend_from_slice(&a_records(&mut p));
+    p.b.handle_input_buf(p.now, &mut input);
+    let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    assert!(closed_reason(&evs).is_none(), "{evs:?}");
+    assert_eq!(data_of(&mut evs, x), want_x);
+    assert_eq!(data_of(&mut evs, y), want_y);
+    assert_eq!(data_of(&mut evs, chat), b"hihihi");
+}
+
+/// A record that fails authentication in the middle of a read leaves the data lined up
+/// before it intact (its plaintext is written over the last bytes of that data, and ring
+/// zeroes what it wrote on failure): the application gets exactly the authentic bytes, then
+/// the close.
+#[test]
+fn a_forged_record_after_lined_up_data_leaves_that_data_intact() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    let bulk: Vec<u8> = (0..3 * MAX_FRAME_DATA)
+        .map(|i| (i % 253) as u8 | 1)
+        .collect();
+    assert_eq!(p.a.send(p.now, ch, &bulk).unwrap(), bulk.len());
+    let mut records = a_records(&mut p);
+    let n = records.len();
+    records[n - 20] ^= 0x40; // in the last record's ciphertext
+    let mut input = Vec::with_capacity(MAX_DATA_EVENT);
+    input.extend_from_slice(&records);
+    p.b.handle_input_buf(p.now, &mut input);
+    let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    assert!(
+        closed_reason(&evs).is_some(),
+        "the forgery was not detected"
+    );
+    assert_eq!(data_of(&mut evs, ch), bulk[..2 * MAX_FRAME_DATA]);
 }
 
 #[test]
@@ -584,23 +714,30 @@ fn records_split_anywhere_across_inputs_are_reassembled() {
         .map(|i| (i * 7) as u8)
         .collect();
     let mut got = Vec::new();
-    // Cut points before, inside and after the 4-byte length prefixes and the bodies.
-    for (round, step) in [1usize, 3, 4, 5, 4097, 16_400, 40_000]
-        .into_iter()
-        .enumerate()
-    {
-        assert_eq!(p.a.send(p.now, ch, &bulk).unwrap(), bulk.len());
-        let input = a_records(&mut p);
-        for chunk in input.chunks(step) {
-            p.b.handle_input_mut(p.now, &mut chunk.to_vec());
+    let steps = [1usize, 3, 4, 5, 4097, 16_400, 40_000];
+    // Through `handle_input`, then through one read buffer kept as the TCP driver keeps it.
+    for via_buf in [false, true] {
+        let mut buf = Vec::with_capacity(MAX_DATA_EVENT);
+        // Cut points before, inside and after the 4-byte length prefixes and the bodies.
+        for (round, step) in steps.into_iter().enumerate() {
+            assert_eq!(p.a.send(p.now, ch, &bulk).unwrap(), bulk.len());
+            let input = a_records(&mut p);
+            for chunk in input.chunks(step) {
+                if via_buf {
+                    buf.extend_from_slice(chunk);
+                    p.b.handle_input_buf(p.now, &mut buf);
+                } else {
+                    p.b.handle_input(p.now, chunk);
+                }
+            }
+            let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+            assert!(closed_reason(&evs).is_none(), "round {round}: {evs:?}");
+            got.extend(data_of(&mut evs, ch));
+            p.b.consumed(p.now, ch, bulk.len());
+            p.run();
         }
-        let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
-        assert!(closed_reason(&evs).is_none(), "round {round}: {evs:?}");
-        got.extend(data_of(&mut evs, ch));
-        p.b.consumed(p.now, ch, bulk.len());
-        p.run();
     }
-    assert_eq!(got, bulk.repeat(7));
+    assert_eq!(got, bulk.repeat(2 * steps.len()));
 }
 
 /// A full read from a command's pipe, from stdin or from a forwarded connection (with the

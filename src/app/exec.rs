@@ -18,6 +18,7 @@ use crate::core::limits::MAX_FRAME_DATA;
 use crate::core::service::{
     data_header, CommandParams, Msg, MsgDecoder, Piece, Stream, MSG_HEADER,
 };
+use crate::core::session::Payload;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::net::SocketAddr;
@@ -319,7 +320,7 @@ enum Sink {
 enum Job {
     /// Write these ranges of `buf`, then give `consume` bytes of window back.
     Data {
-        buf: Vec<u8>,
+        buf: Payload,
         ranges: Vec<std::ops::Range<usize>>,
         consume: usize,
     },

@@ -4,7 +4,7 @@
 
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::PublicIdentity;
-use crate::core::session::{CloseReason, Event, SessionError};
+use crate::core::session::{CloseReason, Event, Payload, SessionError};
 use crate::net::tcp::SessionHandle;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 /// What a channel's owner receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelEvent {
-    Data(Vec<u8>),
+    Data(Payload),
     Eof,
     Closed { code: CloseCode, reason: String },
 }
@@ -103,13 +103,13 @@ impl ChannelSender {
         self.handle.consumed(self.id, n)
     }
     /// `n` bytes were processed, and `buf` (a Data event's buffer) may be reused.
-    pub fn consumed_buffer(&self, n: usize, buf: Vec<u8>) {
+    pub fn consumed_buffer(&self, n: usize, buf: Payload) {
         self.handle.consumed(self.id, n);
         self.recycle(buf);
     }
     /// A Data event's buffer may be reused by the session.
-    pub fn recycle(&self, buf: Vec<u8>) {
-        self.handle.recycle(buf);
+    pub fn recycle(&self, buf: Payload) {
+        self.handle.recycle(buf.into_buffer());
     }
     pub fn eof(&self) {
         self.handle.send_eof(self.id)

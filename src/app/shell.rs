@@ -26,7 +26,7 @@ use crate::core::service::{
     data_header, valid_env_name, CommandParams, Msg, MsgDecoder, ParamsError, Piece, Stream,
     MSG_HEADER,
 };
-use crate::core::session::CloseReason;
+use crate::core::session::{CloseReason, Payload};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
@@ -446,7 +446,7 @@ pub const OUTPUT_BATCH: usize = 256 * 1024;
 /// of window to give back.
 #[derive(Default)]
 struct OutJob {
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<Payload>,
     pieces: Vec<(usize, Stream, std::ops::Range<usize>)>,
     consume: usize,
 }

@@ -83,6 +83,10 @@ pub const MAX_CHAT_MESSAGE: usize = 8192;
 /// Largest Data event a session hands to the application: consecutive DATA frames of one
 /// stream channel (not chat) that arrive together are joined up to this many bytes.
 pub const MAX_DATA_EVENT: usize = 256 * 1024;
+/// A link's read buffer becomes a Data event (no copy) only when the event's data fills at
+/// least this fraction of it: buffers waiting in the application stay within this factor of
+/// the channel windows that bound their data.
+pub const MAX_DATA_EVENT_SLACK: usize = 4;
 /// Emptied Data buffers the application may hand back for reuse ([`MAX_DATA_EVENT`] each):
 /// bulk transfer then allocates no new buffers.
 pub const MAX_SPARE_BUFFERS: usize = 4;

@@ -3,9 +3,9 @@
 //! graceful close — with no I/O.
 //!
 //! Calling order, as in quinn-proto's `Connection`:
-//! 1. feed received bytes with [`Session::handle_input`] (or [`Session::handle_input_mut`],
-//!    which decrypts records in place in the caller's buffer) and expired timers with
-//!    [`Session::handle_timeout`];
+//! 1. feed received bytes with [`Session::handle_input`] (or [`Session::handle_input_buf`],
+//!    which decrypts records in the caller's read buffer and may hand that buffer to the
+//!    application as a Data event) and expired timers with [`Session::handle_timeout`];
 //! 2. drain [`Session::poll_transmit`] to the link, [`Session::poll_event`] to the
 //!    application, and arm a timer for [`Session::poll_timeout`];
 //! 3. application calls ([`Session::open_channel`], [`Session::send`], ...) queue frames that
@@ -24,8 +24,8 @@ use super::handshake::{
 use super::identity::{PeerId, PublicIdentity};
 use super::limits::{
     CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_CHANNELS,
-    MAX_CHANNEL_PARAMS, MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_HANDSHAKE_MSG, MAX_QUEUED_RECORDS,
-    MAX_RECORD_BODY, MAX_RECORD_PLAINTEXT, MAX_SPARE_BUFFERS,
+    MAX_CHANNEL_PARAMS, MAX_DATA_EVENT, MAX_DATA_EVENT_SLACK, MAX_FRAME_DATA, MAX_HANDSHAKE_MSG,
+    MAX_QUEUED_RECORDS, MAX_RECORD_BODY, MAX_RECORD_PLAINTEXT, MAX_SPARE_BUFFERS,
 };
 use super::ratchet::{Ratchet, RatchetError, RatchetInit, HEADER_LEN};
 use std::collections::{HashMap, VecDeque};
@@ -118,7 +118,7 @@ pub enum Event {
     },
     Data {
         ch: u32,
-        data: Vec<u8>,
+        data: Payload,
     },
     Eof {
         ch: u32,
@@ -222,6 +222,51 @@ pub struct SessionConfig {
     pub expected_peer: Option<PeerId>,
 }
 
+/// Received stream bytes: `buf[start..]` of a buffer that is often the link's read buffer
+/// itself (records decrypted where they arrived). Hand the buffer back with
+/// [`Session::recycle`] once written, so the next reads reuse it.
+#[derive(Default, Clone, PartialEq, Eq)]
+pub struct Payload {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Payload {
+    /// The buffer, for [`Session::recycle`].
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(buf: Vec<u8>) -> Self {
+        Payload { buf, start: 0 }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+/// Channel data is the user's: logs show its length only.
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({} bytes)", self.len())
+    }
+}
+
+/// One stream channel's data lined up in the input buffer during one
+/// [`Session::handle_input_buf`]: `buf[start..end]`, for the Data event at `event`.
+struct Run {
+    ch: u32,
+    start: usize,
+    end: usize,
+    event: usize,
+}
+
 /// Counters for diagnostics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SessionStats {
@@ -236,7 +281,10 @@ pub struct Session {
     state: State,
     rng: Box<dyn SecureRandom + Send>,
     expected_peer: Option<PeerId>,
+    /// [`Session::handle_input`]'s buffer: the start of an unfinished record.
     inbuf: Vec<u8>,
+    /// Bytes [`Session::handle_input_buf`] left in its buffer last time (not counted again).
+    carried: usize,
     transmit: VecDeque<Vec<u8>>,
     /// The next record: empty, or `PENDING_HEAD` bytes of room followed by the frames
     /// waiting to be sealed (at most `MAX_RECORD_PLAINTEXT` bytes of them).
@@ -313,6 +361,7 @@ impl Session {
             rng,
             expected_peer,
             inbuf: Vec::new(),
+            carried: 0,
             transmit: VecDeque::new(),
             pending: Vec::new(),
             replies: Vec::new(),
@@ -370,49 +419,69 @@ impl Session {
 
     /// Feeds bytes received from the link.
     pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        let mut data = data.to_vec();
-        self.handle_input_mut(now, &mut data);
+        let mut buf = std::mem::take(&mut self.inbuf);
+        extend_bulk(&mut buf, data);
+        self.handle_input_buf(now, &mut buf);
+        self.inbuf = buf;
     }
 
-    /// Feeds bytes received from the link, decrypting complete records in place inside
-    /// `data` (whose contents are unspecified afterwards); only an incomplete record at the
-    /// end is copied, to be completed by the next call.
-    pub fn handle_input_mut(&mut self, now: Instant, data: &mut [u8]) {
+    /// Feeds bytes received from the link in the caller's read buffer, without copying
+    /// them: records are decrypted in place, and the data of one stream channel is lined up
+    /// at the front of `buf` as it is decrypted (each record's plaintext lands right after
+    /// the previous one's). When that data fills at least `1 / MAX_DATA_EVENT_SLACK` of the
+    /// buffer, the buffer itself becomes the channel's Data event and `buf` is replaced by
+    /// a spare of the same capacity.
+    ///
+    /// `buf` must hold what this call left in it last time followed by the new bytes. On
+    /// return it holds only the start of an unfinished record (moved to its front), with
+    /// room to read more after it.
+    pub fn handle_input_buf(&mut self, now: Instant, buf: &mut Vec<u8>) {
         if self.is_closed() {
+            buf.clear();
             return;
         }
         self.last_received = now;
-        self.stats.bytes_received += data.len() as u64;
-        let mut rest = data;
-        // First complete the record a previous call left unfinished.
-        while !self.inbuf.is_empty() && !rest.is_empty() && !self.is_closed() {
-            let want = if self.inbuf.len() < 4 {
-                4
-            } else {
-                let prefix: [u8; 4] = self.inbuf[..4].try_into().expect("4 bytes");
-                match self.record_len(now, &prefix) {
-                    Some(len) => 4 + len,
-                    None => break,
+        self.stats.bytes_received += buf.len().saturating_sub(self.carried) as u64;
+        let mut run = None;
+        let used = self.handle_records(now, buf, &mut run);
+        let mut handed_off = false;
+        if let Some(run) = run {
+            let len = run.end - run.start;
+            let data = if len * MAX_DATA_EVENT_SLACK >= buf.capacity() {
+                handed_off = true;
+                let mut fresh = self.take_spare(buf.capacity());
+                extend_bulk(&mut fresh, &buf[used..]);
+                let mut taken = std::mem::replace(buf, fresh);
+                taken.truncate(run.end);
+                Payload {
+                    buf: taken,
+                    start: run.start,
                 }
+            } else {
+                let mut copy = self.take_spare(len);
+                extend_bulk(&mut copy, &buf[run.start..run.end]);
+                Payload::from(copy)
             };
-            let (take, more) = rest.split_at_mut((want - self.inbuf.len()).min(rest.len()));
-            extend_bulk(&mut self.inbuf, take);
-            rest = more;
-            if want > 4 && self.inbuf.len() == want {
-                let mut rec = std::mem::take(&mut self.inbuf);
-                self.input_left = rec.len() + rest.len();
-                self.handle_records(now, &mut rec);
-                rec.clear();
-                self.inbuf = rec;
+            if let Some(Event::Data { data: slot, .. }) = self.events.get_mut(run.event) {
+                *slot = data;
             }
         }
-        if self.inbuf.is_empty() {
-            let used = self.handle_records(now, rest);
-            if !self.is_closed() {
-                extend_bulk(&mut self.inbuf, &rest[used..]);
-            }
+        if self.is_closed() {
+            buf.clear();
+        } else if !handed_off {
+            buf.copy_within(used.., 0);
+            buf.truncate(buf.len() - used);
         }
+        self.carried = buf.len();
         self.flush(now);
+    }
+
+    /// A spare buffer with room for `cap` bytes, or a new one.
+    fn take_spare(&mut self, cap: usize) -> Vec<u8> {
+        match self.spare.iter().position(|b| b.capacity() >= cap) {
+            Some(i) => self.spare.swap_remove(i),
+            None => Vec::with_capacity(cap),
+        }
     }
 
     /// The length of the record whose prefix is `prefix`, or None (and the session closed) if
@@ -434,7 +503,7 @@ impl Session {
     }
 
     /// Handles the complete records at the start of `buf` in place; returns the bytes used.
-    fn handle_records(&mut self, now: Instant, buf: &mut [u8]) -> usize {
+    fn handle_records(&mut self, now: Instant, buf: &mut [u8], run: &mut Option<Run>) -> usize {
         let mut off = 0;
         while !self.is_closed() && buf.len() - off >= 4 {
             let Some(len) = self.record_len(now, &buf[off..off + 4]) else {
@@ -444,12 +513,10 @@ impl Session {
                 break;
             }
             self.input_left = buf.len() - off;
-            let (ty, body) = buf[off + 4..off + 4 + len]
-                .split_first_mut()
-                .expect("len >= 1");
+            let rec = off..off + 4 + len;
             off += 4 + len;
             self.stats.records_received += 1;
-            if let Err(reason) = self.handle_record(now, *ty, body) {
+            if let Err(reason) = self.handle_record(now, buf, rec, run) {
                 self.fail(now, reason);
             }
         }
@@ -502,7 +569,16 @@ impl Session {
         CloseReason::Handshake(e)
     }
 
-    fn handle_record(&mut self, now: Instant, ty: u8, body: &mut [u8]) -> Result<(), CloseReason> {
+    /// Handles the record `buf[rec]` (prefix included).
+    fn handle_record(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        rec: std::ops::Range<usize>,
+        run: &mut Option<Run>,
+    ) -> Result<(), CloseReason> {
+        let ty = buf[rec.start + 4];
+        let body = &mut buf[rec.start + 5..rec.end];
         let state = std::mem::replace(&mut self.state, State::Closed);
         match (state, ty) {
             (State::AwaitInit(cfg), record_type::INIT) => {
@@ -541,7 +617,7 @@ impl Session {
                 return Err(CloseReason::PeerAlert(text));
             }
             (State::Established(mut e), record_type::RATCHET) => {
-                let res = self.handle_ratchet(now, &mut e, body);
+                let res = self.handle_ratchet(now, &mut e, buf, rec, run);
                 self.state = State::Established(e);
                 res?;
                 for frame in std::mem::take(&mut self.replies) {
@@ -623,16 +699,141 @@ impl Session {
         }));
     }
 
+    /// Opens the ratchet record `buf[rec]` and handles its frames. The plaintext goes where
+    /// its first DATA's bytes continue `run`, if there is one: its 7-byte header then lies
+    /// over the run's last bytes, which are put back afterwards (on every path: data
+    /// already delivered stays intact even when this record fails).
     fn handle_ratchet(
         &mut self,
         now: Instant,
         e: &mut Established,
-        body: &mut [u8],
+        buf: &mut [u8],
+        rec: std::ops::Range<usize>,
+        run: &mut Option<Run>,
+    ) -> Result<(), CloseReason> {
+        const HEAD: usize = Frame::DATA_OVERHEAD;
+        let (dst, saved) = match run {
+            Some(r) => {
+                let at = r.end - HEAD;
+                let saved: [u8; HEAD] = buf[at..r.end].try_into().expect("HEAD bytes");
+                (at, Some(saved))
+            }
+            None => (rec.start, None),
+        };
+        let res = self.open_and_handle(now, e, buf, dst, rec, run);
+        if let Some(saved) = saved {
+            buf[dst..dst + HEAD].copy_from_slice(&saved);
+        }
+        res
+    }
+
+    fn open_and_handle(
+        &mut self,
+        now: Instant,
+        e: &mut Established,
+        buf: &mut [u8],
+        dst: usize,
+        rec: std::ops::Range<usize>,
+        run: &mut Option<Run>,
     ) -> Result<(), CloseReason> {
         let sid = e.session_id;
-        let plain = e.ratchet.open_in_place(now, &mut *self.rng, &sid, body)?;
-        for frame in Frame::decode_all(&body[plain])? {
-            self.handle_frame(now, e, frame)?;
+        let msg = rec.start + 5 - dst;
+        let len = e
+            .ratchet
+            .open_within(now, &mut *self.rng, &sid, &mut buf[dst..rec.end], msg)?;
+        let end = dst + len;
+        let mut at = dst;
+        while at < end {
+            let mut r = Reader::new(&buf[at..end]);
+            let frame = Frame::decode(&mut r)?;
+            let next = end - r.remaining();
+            match frame {
+                Frame::Data { ch, data } => {
+                    let data = next - data.len()..next;
+                    self.handle_data(e, ch, buf, data, run)?;
+                }
+                frame => self.handle_frame(now, e, frame)?,
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
+    /// DATA for `ch`, in `buf[data]`: joins `run` when it is the run's channel (moved up to
+    /// the run's end if other frames came between), starts the run if there is none, and
+    /// is copied to an event of its own otherwise.
+    fn handle_data(
+        &mut self,
+        e: &mut Established,
+        ch: u32,
+        buf: &mut [u8],
+        data: std::ops::Range<usize>,
+        run: &mut Option<Run>,
+    ) -> Result<(), CloseReason> {
+        let n = data.len();
+        let c = chan(e, ch)?;
+        if c.state != ChanState::Open || c.recv_eof {
+            return Err(CloseReason::Protocol(format!(
+                "data on channel {ch} that is not open"
+            )));
+        }
+        if n as u64 > c.recv_window {
+            return Err(CloseReason::Protocol(format!(
+                "channel {ch} window exceeded"
+            )));
+        }
+        c.recv_window -= n as u64;
+        c.unacked += n as u64;
+        if c.closing {
+            return Ok(());
+        }
+        // Stream channels: DATA of one channel that arrives together becomes one event (fewer
+        // hand-offs downstream). A chat message stays one event.
+        if c.kind == ChannelKind::Chat {
+            let data = Payload::from(buf[data].to_vec());
+            self.events.push_back(Event::Data { ch, data });
+            return Ok(());
+        }
+        match run {
+            Some(r) if r.ch == ch => {
+                if data.start != r.end {
+                    buf.copy_within(data, r.end);
+                }
+                r.end += n;
+            }
+            None => {
+                *run = Some(Run {
+                    ch,
+                    start: data.start,
+                    end: data.end,
+                    event: self.events.len(),
+                });
+                self.events.push_back(Event::Data {
+                    ch,
+                    data: Payload::default(),
+                });
+            }
+            Some(_) => {
+                let data = &buf[data];
+                match self.events.back_mut() {
+                    Some(Event::Data { ch: last, data: ev })
+                        if *last == ch && ev.buf.len() + n <= ev.buf.capacity() =>
+                    {
+                        extend_bulk(&mut ev.buf, data)
+                    }
+                    _ => {
+                        // Sized once for the rest of this input: a Data event never grows
+                        // (growing copies what it holds; a full one is followed by a new one).
+                        let cap = self.input_left.min(MAX_DATA_EVENT).max(n);
+                        let mut b = self.take_spare(cap);
+                        extend_bulk(&mut b, data);
+                        self.events.push_back(Event::Data {
+                            ch,
+                            data: Payload::from(b),
+                        });
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -727,49 +928,7 @@ impl Session {
                     reason: text(reason),
                 });
             }
-            Frame::Data { ch, data } => {
-                let c = chan(e, ch)?;
-                if c.state != ChanState::Open || c.recv_eof {
-                    return Err(CloseReason::Protocol(format!(
-                        "data on channel {ch} that is not open"
-                    )));
-                }
-                if data.len() as u64 > c.recv_window {
-                    return Err(CloseReason::Protocol(format!(
-                        "channel {ch} window exceeded"
-                    )));
-                }
-                c.recv_window -= data.len() as u64;
-                c.unacked += data.len() as u64;
-                if !c.closing {
-                    // Stream channels: consecutive DATA of one channel become one event (fewer
-                    // hand-offs downstream). A chat message stays one event.
-                    let join = c.kind != ChannelKind::Chat;
-                    match self.events.back_mut() {
-                        Some(Event::Data {
-                            ch: last,
-                            data: buf,
-                        }) if join && *last == ch && buf.len() + data.len() <= buf.capacity() => {
-                            extend_bulk(buf, data)
-                        }
-                        _ => {
-                            // Sized once for the rest of this input: a Data event never grows
-                            // (growing copies what it holds; a full one is followed by a new one).
-                            let mut buf = if join {
-                                let cap = self.input_left.min(MAX_DATA_EVENT).max(data.len());
-                                match self.spare.iter().position(|b| b.capacity() >= cap) {
-                                    Some(i) => self.spare.swap_remove(i),
-                                    None => Vec::with_capacity(cap),
-                                }
-                            } else {
-                                Vec::with_capacity(data.len())
-                            };
-                            extend_bulk(&mut buf, data);
-                            self.events.push_back(Event::Data { ch, data: buf });
-                        }
-                    }
-                }
-            }
+            Frame::Data { .. } => unreachable!("DATA is handled by handle_data"),
             Frame::Window { ch, increment } => {
                 let c = chan(e, ch)?;
                 c.send_window = c.send_window.saturating_add(u64::from(increment));

@@ -10,6 +10,7 @@
 //! the driver stops taking application data, which is how backpressure reaches the sender.
 
 use crate::core::frame::{ChannelKind, CloseCode};
+use crate::core::limits::MAX_DATA_EVENT;
 use crate::core::ratchet::RatchetStats;
 use crate::core::session::{Event, Session, SessionError, SessionStats};
 use std::collections::{HashMap, VecDeque};
@@ -26,6 +27,8 @@ use tracing::{debug, trace};
 pub const WRITE_HIGH_WATER: usize = 4 << 20;
 /// Read buffer size: every complete record in it is handled before the next read.
 const READ_CHUNK: usize = 256 * 1024;
+// Read buffers go to the application as Data events and come back as spares.
+const _: () = assert!(READ_CHUNK <= MAX_DATA_EVENT);
 /// Buffers handed to one vectored write at most (each a sealed record of at most
 /// `MAX_RECORD_PLAINTEXT` plus overhead).
 const MAX_WRITE_SLICES: usize = 64;
@@ -227,7 +230,9 @@ async fn drive<R, W>(
 
     let mut pending: HashMap<u32, VecDeque<PendingSend>> = HashMap::new();
     let mut close_after: Option<(CloseCode, String)> = None;
-    let mut buf = vec![0u8; READ_CHUNK];
+    // Received bytes, after the start of an unfinished record the session left at its front;
+    // the session may hand the whole buffer to the application and put a spare here.
+    let mut buf = Vec::with_capacity(READ_CHUNK);
     let mut read_open = true;
     loop {
         let now = Instant::now();
@@ -260,12 +265,12 @@ async fn drive<R, W>(
         let deadline = s.poll_timeout().map(tokio::time::Instant::from_std);
         let can_take = in_flight.load(Ordering::Acquire) < WRITE_HIGH_WATER;
         tokio::select! {
-            r = rd.read(&mut buf), if read_open => match r {
+            r = rd.read_buf(&mut buf), if read_open => match r {
                 Ok(0) | Err(_) => {
                     read_open = false;
                     s.handle_eof();
                 }
-                Ok(n) => s.handle_input_mut(Instant::now(), &mut buf[..n]),
+                Ok(_) => s.handle_input_buf(Instant::now(), &mut buf),
             },
             c = cmds.recv(), if can_take => {
                 // Everything else already queued goes into this turn too, so window updates
