@@ -225,7 +225,7 @@ pub struct SessionConfig {
 /// Received stream bytes: `buf[start..]` of a buffer that is often the link's read buffer
 /// itself (records decrypted where they arrived). Hand the buffer back with
 /// [`Session::recycle`] once written, so the next reads reuse it.
-#[derive(Default, Clone, PartialEq, Eq)]
+#[derive(Default, Clone)]
 pub struct Payload {
     buf: Vec<u8>,
     start: usize,
@@ -250,6 +250,15 @@ impl std::ops::Deref for Payload {
         &self.buf[self.start..]
     }
 }
+
+/// Equal when the bytes are (whatever lies before `start`).
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Payload {}
 
 /// Channel data is the user's: logs show its length only.
 impl fmt::Debug for Payload {
@@ -1397,5 +1406,23 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Payload;
+
+    #[test]
+    fn payloads_compare_and_print_their_bytes_only() {
+        let lined_up = Payload {
+            buf: b"junk:data".to_vec(),
+            start: 5,
+        };
+        assert_eq!(&lined_up[..], b"data");
+        assert_eq!(lined_up, Payload::from(b"data".to_vec()));
+        assert_ne!(lined_up, Payload::from(b"junk:data".to_vec()));
+        assert_eq!(format!("{lined_up:?}"), "Payload(4 bytes)");
+        assert_eq!(lined_up.into_buffer(), b"junk:data");
     }
 }
