@@ -477,6 +477,13 @@ fn a_records(p: &mut Pair) -> Vec<u8> {
     all
 }
 
+/// `bytes` in a read buffer of the TCP driver's size, for `handle_input_buf`.
+fn read_buffer(bytes: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(MAX_DATA_EVENT);
+    buf.extend_from_slice(bytes);
+    buf
+}
+
 #[test]
 fn stream_data_arriving_together_is_one_event_chat_messages_stay_apart() {
     let mut p = Pair::established();
@@ -519,8 +526,7 @@ fn recycled_data_buffers_are_reused_and_bounded() {
         } else {
             assert_eq!(p.a.send(p.now, ch, data).unwrap(), data.len());
         }
-        let mut input = Vec::with_capacity(MAX_DATA_EVENT);
-        input.extend_from_slice(&a_records(p));
+        let mut input = read_buffer(&a_records(p));
         p.b.handle_input_buf(p.now, &mut input);
         p.b.consumed(p.now, ch, data.len());
         let got = std::iter::from_fn(|| p.b.poll_event())
@@ -615,8 +621,7 @@ fn bulk_data_is_delivered_in_the_read_buffer_it_arrived_in() {
     }
     assert!(last > 0);
     let cut = last + 100;
-    let mut input = Vec::with_capacity(MAX_DATA_EVENT);
-    input.extend_from_slice(&records[..cut]);
+    let mut input = read_buffer(&records[..cut]);
     let base = input.as_ptr() as usize;
     p.b.handle_input_buf(p.now, &mut input);
     let evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
@@ -670,8 +675,7 @@ fn interleaved_channels_in_one_read_each_arrive_whole() {
         want_x.extend(dx);
         want_y.extend(dy);
     }
-    let mut input = Vec::with_capacity(MAX_DATA_EVENT);
-    input.extend_from_slice(&a_records(&mut p));
+    let mut input = read_buffer(&a_records(&mut p));
     p.b.handle_input_buf(p.now, &mut input);
     let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
     assert!(closed_reason(&evs).is_none(), "{evs:?}");
@@ -695,8 +699,7 @@ fn a_forged_record_after_lined_up_data_leaves_that_data_intact() {
     let mut records = a_records(&mut p);
     let n = records.len();
     records[n - 20] ^= 0x40; // in the last record's ciphertext
-    let mut input = Vec::with_capacity(MAX_DATA_EVENT);
-    input.extend_from_slice(&records);
+    let mut input = read_buffer(&records);
     p.b.handle_input_buf(p.now, &mut input);
     let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
     assert!(
