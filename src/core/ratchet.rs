@@ -296,23 +296,19 @@ fn header_len(msg: &[u8]) -> Result<usize, DecodeError> {
 
 /// The fields of a header that [`header_len`] accepted (exactly its bytes).
 fn parsed(header: &[u8]) -> Parsed<'_> {
-    let (dh, rest) = header.split_at(X25519_LEN);
-    let word = |at: usize| u32::from_be_bytes(rest[at..at + 4].try_into().expect("4 bytes"));
-    let flags = rest[8];
-    let mut kem = &header[HEADER_LEN..];
-    let mut field = |present: bool, len: usize| {
-        present.then(|| {
-            let (f, rest) = kem.split_at(len);
-            kem = rest;
-            f
-        })
-    };
+    const CHECKED: &str = "checked by header_len";
+    let mut r = Reader::new(header);
+    let dh = r.array::<X25519_LEN>().expect(CHECKED);
+    let pn = r.u32().expect(CHECKED);
+    let n = r.u32().expect(CHECKED);
+    let flags = r.u8().expect(CHECKED);
+    let mut field = |present: bool, len: usize| present.then(|| r.take(len).expect(CHECKED));
     let ek = field(flags & FLAG_KEM_EK != 0, MLKEM_EK_LEN);
     let ct = field(flags & FLAG_KEM_CT != 0, MLKEM_CT_LEN);
     Parsed {
-        dh: dh.try_into().expect("32 bytes"),
-        pn: word(0),
-        n: word(4),
+        dh,
+        pn,
+        n,
         ek,
         ct,
         header,
