@@ -509,6 +509,27 @@ fn stream_data_arriving_together_is_one_event_chat_messages_stay_apart() {
     assert_eq!(data_of(&mut evs, chat), b"onetwo");
 }
 
+/// However much arrives in one input, no Data event holds more than MAX_DATA_EVENT bytes or
+/// a buffer larger than that.
+#[test]
+fn data_events_stay_within_max_data_event() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    let bulk: Vec<u8> = (0..6 * MAX_FRAME_DATA).map(|i| (i % 249) as u8).collect();
+    assert_eq!(p.a.send(p.now, ch, &bulk).unwrap(), bulk.len());
+    let input = a_records(&mut p);
+    p.b.handle_input(p.now, &input);
+    let mut got = Vec::new();
+    while let Some(e) = p.b.poll_event() {
+        if let Event::Data { data, .. } = e {
+            assert!(data.len() <= MAX_DATA_EVENT, "{} bytes", data.len());
+            got.extend_from_slice(&data);
+            assert!(data.into_buffer().capacity() <= MAX_DATA_EVENT);
+        }
+    }
+    assert_eq!(got, bulk);
+}
+
 /// A Data event's buffer handed back with `recycle` is reused: as the buffer that replaces
 /// a read buffer handed to the application, or to carry data too small to take the read
 /// buffer. Chat messages never take a spare; at most MAX_SPARE_BUFFERS are kept and buffers

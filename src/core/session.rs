@@ -438,8 +438,8 @@ impl Session {
     /// them: records are decrypted in place, and the data of one stream channel is lined up
     /// at the front of `buf` as it is decrypted (each record's plaintext lands right after
     /// the previous one's). When that data fills at least `1 / MAX_DATA_EVENT_SLACK` of the
-    /// buffer, the buffer itself becomes the channel's Data event and `buf` is replaced by
-    /// a spare of the same capacity.
+    /// buffer (of at most `MAX_DATA_EVENT` bytes), the buffer itself becomes the channel's
+    /// Data event and `buf` is replaced by a spare of the same capacity.
     ///
     /// `buf` must hold what this call left in it last time followed by the new bytes. On
     /// return it holds only the start of an unfinished record (moved to its front), with
@@ -456,9 +456,10 @@ impl Session {
         let mut handed_off = false;
         if let Some(run) = run {
             let len = run.end - run.start;
-            let data = if len * MAX_DATA_EVENT_SLACK >= buf.capacity() {
+            let cap = buf.capacity();
+            let data = if len * MAX_DATA_EVENT_SLACK >= cap && cap <= MAX_DATA_EVENT {
                 handed_off = true;
-                let mut fresh = self.take_spare(buf.capacity());
+                let mut fresh = self.take_spare(cap);
                 extend_bulk(&mut fresh, &buf[used..]);
                 let mut taken = std::mem::replace(buf, fresh);
                 taken.truncate(run.end);
@@ -768,9 +769,9 @@ impl Session {
         Ok(())
     }
 
-    /// DATA for `ch`, in `buf[data]`: joins `run` when it is the run's channel (moved up to
-    /// the run's end if other frames came between), starts the run if there is none, and
-    /// is copied to an event of its own otherwise.
+    /// DATA for `ch`, in `buf[data]`: joins `run` when it is the run's channel and the run
+    /// stays within `MAX_DATA_EVENT` (moved up to the run's end if other frames came between),
+    /// starts the run if there is none, and is copied to an event of its own otherwise.
     fn handle_data(
         &mut self,
         e: &mut Established,
@@ -804,7 +805,7 @@ impl Session {
             return Ok(());
         }
         match run {
-            Some(r) if r.ch == ch => {
+            Some(r) if r.ch == ch && r.end - r.start + n <= MAX_DATA_EVENT => {
                 if data.start != r.end {
                     buf.copy_within(data, r.end);
                 }
