@@ -8,9 +8,13 @@ use qssh::core::identity::{Algorithm, Identity, PeerId};
 use qssh::core::limits::{
     CHANNEL_WINDOW, DH_RATCHET_MIN_INTERVAL, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL,
     MAX_DATA_EVENT, MAX_FRAME_DATA, MAX_HANDSHAKE_MSG, MAX_RECORD_BODY, MAX_SPARE_BUFFERS,
-    PQ_RATCHET_EVERY_STEPS,
+    MAX_SPARE_RECORDS, PQ_RATCHET_EVERY_STEPS,
 };
-use qssh::core::session::{record_type, CloseReason, Event, Session, SessionConfig};
+use qssh::core::session::{
+    is_record_buffer, new_record_buffer, record_type, CloseReason, Event, Session, SessionConfig,
+    DATA_RECORD_HEAD, RECORD_CAPACITY,
+};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -769,11 +773,11 @@ fn records_split_anywhere_across_inputs_are_reassembled() {
 /// message.
 #[test]
 fn a_full_read_goes_out_in_full_records_only() {
-    use qssh::app::{exec::PIPE_READ_CHUNK, forward::FORWARD_READ_CHUNK, shell::STDIN_READ_CHUNK};
-    use qssh::core::service::MSG_HEADER;
+    use qssh::app::bulk::{RecordReads, BULK_READ_CHUNK, RECORDS_PER_READ};
+    use qssh::app::{forward::FORWARD_READ_CHUNK, shell::STDIN_READ_CHUNK};
+    use qssh::core::service::{Stream, MSG_HEADER};
     for (len, records) in [
-        (MSG_HEADER + PIPE_READ_CHUNK, 4),
-        (MSG_HEADER + STDIN_READ_CHUNK, 4),
+        (MSG_HEADER + STDIN_READ_CHUNK, RECORDS_PER_READ),
         (FORWARD_READ_CHUNK, 1),
     ] {
         let mut p = Pair::established();
@@ -783,4 +787,179 @@ fn a_full_read_goes_out_in_full_records_only() {
         let sent = std::iter::from_fn(|| p.a.poll_transmit(p.now)).count();
         assert_eq!(sent, records, "a read of {len} bytes");
     }
+    // Pipes and stdin: read straight into records.
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    let mut reads = RecordReads::new(Stream::Stdout);
+    let mut recs: VecDeque<Vec<u8>> = reads.filled(BULK_READ_CHUNK).into();
+    assert_eq!(
+        p.a.send_records(p.now, ch, &mut recs).unwrap(),
+        MSG_HEADER + BULK_READ_CHUNK
+    );
+    let sent = std::iter::from_fn(|| p.a.poll_transmit(p.now)).count();
+    assert_eq!(sent, RECORDS_PER_READ);
+}
+
+/// `len` bytes of `ch`'s data read into record buffers from A's spares, as a reader does.
+fn records_of(p: &mut Pair, data: &[u8]) -> VecDeque<Vec<u8>> {
+    data.chunks(MAX_FRAME_DATA)
+        .map(|chunk| {
+            let mut rec = p.a.record_buffer();
+            assert_eq!(rec.len(), DATA_RECORD_HEAD + MAX_FRAME_DATA);
+            rec.truncate(DATA_RECORD_HEAD + chunk.len());
+            rec[DATA_RECORD_HEAD..].copy_from_slice(chunk);
+            rec
+        })
+        .collect()
+}
+
+#[test]
+fn data_read_into_records_is_sealed_where_it_lies_after_frames_queued_before() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    let bulk: Vec<u8> = (0..3 * MAX_FRAME_DATA + 999)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    // Written records come back from the driver and are read into again.
+    for round in 0..3 {
+        p.a.send(p.now, ch, b"before").unwrap();
+        let mut recs = records_of(&mut p, &bulk);
+        let places: Vec<*const u8> = recs.iter().map(|r| r.as_ptr()).collect();
+        assert_eq!(p.a.send_records(p.now, ch, &mut recs).unwrap(), bulk.len());
+        assert!(recs.is_empty());
+        let out: Vec<Vec<u8>> = std::iter::from_fn(|| p.a.poll_transmit(p.now)).collect();
+        // The small record with the earlier frames, then one record per buffer, in place.
+        assert_eq!(out.len(), 1 + places.len(), "round {round}");
+        let sealed: Vec<*const u8> = out[1..].iter().map(|r| r.as_ptr()).collect();
+        assert_eq!(sealed, places, "round {round}: records were copied");
+        for rec in &out {
+            p.b.handle_input(p.now, rec);
+        }
+        let mut evs: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+        let mut expect = b"before".to_vec();
+        expect.extend_from_slice(&bulk);
+        assert_eq!(data_of(&mut evs, ch), expect, "round {round}");
+        for rec in out {
+            p.a.recycle_record(rec);
+        }
+        p.b.consumed(p.now, ch, expect.len());
+        p.run();
+    }
+}
+
+#[test]
+fn records_read_in_place_cross_dh_and_pq_ratchet_steps() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    let gap = DH_RATCHET_MIN_INTERVAL + Duration::from_millis(5);
+    let mut expect_b = Vec::new();
+    for i in 0..(4 * PQ_RATCHET_EVERY_STEPS + 4) as usize {
+        let data: Vec<u8> = (0..MAX_FRAME_DATA + 17 * i)
+            .map(|j| (i + j) as u8)
+            .collect();
+        let mut recs = records_of(&mut p, &data);
+        assert_eq!(p.a.send_records(p.now, ch, &mut recs).unwrap(), data.len());
+        expect_b.extend_from_slice(&data);
+        p.run();
+        p.advance(gap);
+        // B answers, so A's next record steps the ratchet (and carries KEM fields at times).
+        p.b.send(p.now, ch, b"ack").unwrap();
+        p.run();
+        p.advance(gap);
+        p.b.consumed(p.now, ch, data.len());
+        p.run();
+    }
+    assert_eq!(data_of(&mut p.b_ev, ch), expect_b);
+    let ra = p.a.ratchet_stats().unwrap();
+    assert!(ra.pq_steps_completed >= 2, "{ra:?}");
+}
+
+#[test]
+fn a_window_ending_inside_a_record_takes_its_share_and_keeps_the_rest_in_place() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    let window = CHANNEL_WINDOW as usize;
+    // More than the window, so that it ends 1000 bytes into a record.
+    let data: Vec<u8> = (0..window + MAX_FRAME_DATA)
+        .map(|i| (i % 253) as u8)
+        .collect();
+    let mut recs = records_of(&mut p, &data);
+    let all = recs.len();
+    assert_eq!(p.a.send_records(p.now, ch, &mut recs).unwrap(), window);
+    assert_eq!(p.a.send_window(ch), 0);
+    let rest = data.len() - window;
+    assert_eq!(
+        recs.iter()
+            .map(|r| r.len() - DATA_RECORD_HEAD)
+            .sum::<usize>(),
+        rest
+    );
+    assert!(recs.len() < all);
+    // Nothing more goes while the window is shut.
+    assert_eq!(p.a.send_records(p.now, ch, &mut recs).unwrap(), 0);
+    p.run();
+    assert_eq!(data_of(&mut p.b_ev, ch), data[..window]);
+    p.b.consumed(p.now, ch, window);
+    p.run();
+    assert_eq!(p.a.send_records(p.now, ch, &mut recs).unwrap(), rest);
+    assert!(recs.is_empty());
+    p.run();
+    assert_eq!(data_of(&mut p.b_ev, ch), data[window..]);
+}
+
+#[test]
+fn record_buffers_are_checked_reused_and_bounded() {
+    let mut p = Pair::established();
+    let ch = p.open(ChannelKind::Exec);
+    // A buffer without room for the headers, or with more than a frame of data, is refused
+    // before anything is sent.
+    for len in [DATA_RECORD_HEAD - 1, DATA_RECORD_HEAD + MAX_FRAME_DATA + 1] {
+        let mut good = p.a.record_buffer();
+        good.truncate(DATA_RECORD_HEAD + 10);
+        let mut bad = new_record_buffer();
+        bad.resize(len, 0);
+        let mut recs = VecDeque::from([good, bad]);
+        assert!(p.a.send_records(p.now, ch, &mut recs).is_err());
+        assert_eq!(recs.len(), 2);
+        assert!(p.a.poll_transmit(p.now).is_none());
+    }
+    // An empty one is skipped, and kept for the next read.
+    let mut empty = new_record_buffer();
+    empty.truncate(DATA_RECORD_HEAD);
+    let place = empty.as_ptr();
+    assert_eq!(
+        p.a.send_records(p.now, ch, &mut VecDeque::from([empty]))
+            .unwrap(),
+        0
+    );
+    assert!(p.a.poll_transmit(p.now).is_none());
+    let again = p.a.record_buffer();
+    assert_eq!(again.as_ptr(), place);
+    // Spares: at most MAX_SPARE_RECORDS, only of RECORD_CAPACITY, used newest first, also
+    // for records of frames sent by copy.
+    p.a.recycle_record(Vec::with_capacity(1024));
+    let spares: Vec<Vec<u8>> = (0..MAX_SPARE_RECORDS + 3)
+        .map(|_| new_record_buffer())
+        .collect();
+    let kept: Vec<*const u8> = spares[..MAX_SPARE_RECORDS]
+        .iter()
+        .map(|r| r.as_ptr())
+        .collect();
+    for rec in spares {
+        p.a.recycle_record(rec);
+    }
+    p.a.send(p.now, ch, b"by copy").unwrap();
+    let rec = p.a.poll_transmit(p.now).unwrap();
+    assert_eq!(rec.as_ptr(), kept[MAX_SPARE_RECORDS - 1]);
+    assert!(is_record_buffer(&rec));
+    let mut taken = vec![rec];
+    for i in (0..MAX_SPARE_RECORDS - 1).rev() {
+        let buf = p.a.record_buffer();
+        assert_eq!(buf.as_ptr(), kept[i]);
+        assert_eq!(buf.capacity(), RECORD_CAPACITY);
+        taken.push(buf);
+    }
+    // Then new ones (the kept ones are still in use, so a new one is elsewhere).
+    let fresh = p.a.record_buffer();
+    assert!(!kept.contains(&fresh.as_ptr()));
 }

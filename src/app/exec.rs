@@ -10,11 +10,11 @@
 //! When the peer goes away first (channel closed, session lost) the command's process group
 //! gets SIGHUP, as a terminal hang-up would deliver.
 
+use super::bulk::RecordReads;
 use super::pty::{set_window_size, Pty, PTY_HELPER, SELF_EXE};
 use super::router::{Channel, ChannelEvent, ChannelSender, RouterHandle};
 use crate::core::frame::{ChannelKind, CloseCode};
 use crate::core::identity::PeerId;
-use crate::core::limits::MAX_FRAME_DATA;
 use crate::core::service::{
     data_header, CommandParams, Msg, MsgDecoder, Piece, Stream, MSG_HEADER,
 };
@@ -29,17 +29,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-/// Bytes read from a command's stdout/stderr pipe per message (fewer, larger messages: each
-/// costs a driver round trip; 64 KiB measured ~10% more CPU per byte). Just under 256 KiB:
-/// with its message header a full read is exactly 4 full frames (and records), so no short
-/// record follows every message.
-pub const PIPE_READ_CHUNK: usize = 4 * MAX_FRAME_DATA - MSG_HEADER;
 /// Kernel buffer asked for the command's pipes (fewer wake-ups for bulk output).
 pub const CHILD_PIPE_SIZE: usize = 1 << 20;
 /// Bytes read from a PTY master per message.
@@ -430,28 +425,39 @@ async fn input_loop(
 }
 
 /// Sends one stream of the command until its end, then EOF for it. `Err` if the channel is
-/// gone.
-async fn pump(
-    r: Option<impl AsyncRead + Unpin>,
-    stream: Stream,
-    tx: &ChannelSender,
-) -> Result<(), ()> {
-    if let Some(mut r) = r {
-        // One buffer for the whole stream: the session hands it back after each send.
-        let mut buf = Vec::with_capacity(MSG_HEADER + PIPE_READ_CHUNK);
+/// gone. The pipe is read straight into records ([`RecordReads`]).
+async fn pump(r: Option<OwnedFd>, stream: Stream, tx: &ChannelSender) -> Result<(), ()> {
+    if let Some(fd) = r {
+        let r = match pipe::Receiver::from_owned_fd(fd) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("cannot read the command's {stream:?}: {e}");
+                return tx
+                    .send(Msg::Eof(stream).to_vec())
+                    .await
+                    .map(drop)
+                    .map_err(|_| ());
+            }
+        };
+        let mut reads = RecordReads::new(stream);
         loop {
-            buf.clear();
-            buf.extend_from_slice(&[0; MSG_HEADER]);
-            let n = match r.read_buf(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => n,
+            let n = match r.readable().await {
+                Ok(()) => match r.try_read_vectored(&mut reads.slices()) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        debug!("reading {stream:?}: {e}");
+                        break;
+                    }
+                },
                 Err(e) => {
                     debug!("reading {stream:?}: {e}");
                     break;
                 }
             };
-            buf[..MSG_HEADER].copy_from_slice(&data_header(stream, n));
-            buf = tx.send(buf).await.map_err(|_| ())?;
+            let back = tx.send_records(reads.filled(n)).await.map_err(|_| ())?;
+            reads.refill(back);
         }
     }
     tx.send(Msg::Eof(stream).to_vec())
@@ -520,7 +526,9 @@ async fn run_pipes(channel: Channel, mut child: Child) {
     let hangup = Hangup::new(&child);
     let (tx, rx) = channel.split();
     let sink = Sink::Pipe(child.stdin.take());
-    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    // As plain (non-blocking) pipes, for vectored reads.
+    let stdout = child.stdout.take().and_then(|o| o.into_owned_fd().ok());
+    let stderr = child.stderr.take().and_then(|e| e.into_owned_fd().ok());
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let input = input_loop(rx, jobs_tx, tx.clone(), None);
     let writer = stdin_writer(jobs_rx, sink, tx.clone());

@@ -1,6 +1,7 @@
 //! Services on top of a session (chat, shell, exec, forwarding, the VPN) and the local
 //! state they use (identity, known and authorized peers).
 
+pub mod bulk;
 pub mod chat;
 pub mod demo;
 pub mod dial;

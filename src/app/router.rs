@@ -99,6 +99,11 @@ impl ChannelSender {
     pub async fn send(&self, data: Vec<u8>) -> Result<Vec<u8>, SessionError> {
         self.handle.send(self.id, data).await
     }
+    /// Sends data read straight into record buffers (`app::bulk`); returns empty buffers
+    /// for the next read.
+    pub async fn send_records(&self, recs: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, SessionError> {
+        self.handle.send_records(self.id, recs).await
+    }
     pub fn consumed(&self, n: usize) {
         self.handle.consumed(self.id, n)
     }

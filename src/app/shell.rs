@@ -13,6 +13,7 @@
 //! - We exit only after every output byte was written and the exit status arrived; any
 //!   failure to connect, authenticate or be authorized exits 255, as ssh does.
 
+use super::bulk::{RecordReads, BULK_READ_CHUNK};
 use super::dial::{dial_with, resolve_target, ConnectError, DialOptions, Transport};
 use super::forward::{start_local, ForwardError, ForwardSpec, RemoteForwards};
 use super::pty::{window_size, RawTerminal};
@@ -38,8 +39,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-/// Bytes read from local stdin per channel message (the same as `exec::PIPE_READ_CHUNK`).
-pub const STDIN_READ_CHUNK: usize = super::exec::PIPE_READ_CHUNK;
+/// Bytes read from a local terminal per channel message (from a pipe or file, stdin is read
+/// straight into records, [`BULK_READ_CHUNK`] at a time).
+pub const STDIN_READ_CHUNK: usize = BULK_READ_CHUNK;
 /// Kernel buffer asked for our stdin/stdout when they are pipes (fewer wake-ups in bulk).
 pub const LOCAL_PIPE_SIZE: usize = 1 << 20;
 /// After the exit status, how long we wait for the peer to acknowledge the session's close.
@@ -646,53 +648,91 @@ fn start_stdin(
     std::thread::Builder::new()
         .name("qssh-stdin".into())
         .spawn(move || {
-            let mut esc = escapes.then(Escapes::default);
-            // One buffer for the whole stream: the session hands it back after each send.
-            let mut buf = Vec::with_capacity(MSG_HEADER + STDIN_READ_CHUNK);
-            loop {
-                buf.clear();
-                buf.extend_from_slice(&[0; MSG_HEADER]);
-                let n = match rustix::io::read(&input, rustix::buffer::spare_capacity(&mut buf)) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(e) => {
-                        debug!("stdin: {e}");
-                        break;
-                    }
-                };
-                if let Some(esc) = esc.as_mut() {
-                    let mut clean = Vec::with_capacity(n);
-                    let action = esc.filter(&buf[MSG_HEADER..], &mut clean);
-                    match action {
-                        Some(Escape::Disconnect) => {
-                            let _ = disconnect.send(());
-                            return;
-                        }
-                        Some(Escape::Help) => {
-                            let _ = io::stderr().write_all(ESCAPE_HELP.as_bytes());
-                        }
-                        None => {}
-                    }
-                    buf.truncate(MSG_HEADER);
-                    buf.extend_from_slice(&clean);
-                }
-                let len = buf.len() - MSG_HEADER;
-                if len == 0 {
-                    continue;
-                }
-                buf[..MSG_HEADER].copy_from_slice(&data_header(Stream::Stdin, len));
-                match rt.block_on(tx.send(buf)) {
-                    Ok(back) => buf = back,
-                    Err(e) => {
-                        debug!("stdin: channel refused data: {e}");
-                        return;
-                    }
-                }
+            let ended = if escapes {
+                stdin_with_escapes(&input, &tx, &rt, &disconnect)
+            } else {
+                stdin_records(&input, &tx, &rt)
+            };
+            if ended {
+                let _ = rt.block_on(tx.send(Msg::Eof(Stream::Stdin).to_vec()));
             }
-            let _ = rt.block_on(tx.send(Msg::Eof(Stream::Stdin).to_vec()));
         })?;
     Ok(())
+}
+
+/// Sends stdin read straight into records until its end (true) or until the channel refuses
+/// data (false).
+fn stdin_records(input: &File, tx: &ChannelSender, rt: &tokio::runtime::Handle) -> bool {
+    let mut reads = RecordReads::new(Stream::Stdin);
+    loop {
+        let n = match rustix::io::readv(input, &mut reads.slices()) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                debug!("stdin: {e}");
+                return true;
+            }
+        };
+        match rt.block_on(tx.send_records(reads.filled(n))) {
+            Ok(back) => reads.refill(back),
+            Err(e) => {
+                debug!("stdin: channel refused data: {e}");
+                return false;
+            }
+        }
+    }
+}
+
+/// Sends a terminal's input, with the escapes handled, until its end (true), a disconnect
+/// escape or the channel refusing data (false).
+fn stdin_with_escapes(
+    input: &File,
+    tx: &ChannelSender,
+    rt: &tokio::runtime::Handle,
+    disconnect: &mpsc::UnboundedSender<()>,
+) -> bool {
+    let mut esc = Escapes::default();
+    // One buffer for the whole stream: the session hands it back after each send.
+    let mut buf = Vec::with_capacity(MSG_HEADER + STDIN_READ_CHUNK);
+    loop {
+        buf.clear();
+        buf.extend_from_slice(&[0; MSG_HEADER]);
+        let n = match rustix::io::read(input, rustix::buffer::spare_capacity(&mut buf)) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                debug!("stdin: {e}");
+                return true;
+            }
+        };
+        let mut clean = Vec::with_capacity(n);
+        match esc.filter(&buf[MSG_HEADER..], &mut clean) {
+            Some(Escape::Disconnect) => {
+                let _ = disconnect.send(());
+                return false;
+            }
+            Some(Escape::Help) => {
+                let _ = io::stderr().write_all(ESCAPE_HELP.as_bytes());
+            }
+            None => {}
+        }
+        buf.truncate(MSG_HEADER);
+        buf.extend_from_slice(&clean);
+        let len = buf.len() - MSG_HEADER;
+        if len == 0 {
+            continue;
+        }
+        buf[..MSG_HEADER].copy_from_slice(&data_header(Stream::Stdin, len));
+        match rt.block_on(tx.send(buf)) {
+            Ok(back) => buf = back,
+            Err(e) => {
+                debug!("stdin: channel refused data: {e}");
+                return false;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

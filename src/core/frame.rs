@@ -201,6 +201,16 @@ impl<'a> Frame<'a> {
     /// Encoded size of a DATA frame header (type, channel, length).
     pub const DATA_OVERHEAD: usize = 1 + 4 + 2;
 
+    /// Writes the header [`Frame::encode`] puts in front of `len` bytes of DATA on `ch` into
+    /// `out` (exactly `DATA_OVERHEAD` bytes), for data already in place after it. `len` must
+    /// fit a frame (at most `MAX_FRAME_DATA`).
+    pub fn write_data_header(ch: u32, len: usize, out: &mut [u8]) {
+        let len = u16::try_from(len).expect("DATA longer than a frame");
+        out[0] = T_DATA;
+        out[1..5].copy_from_slice(&ch.to_be_bytes());
+        out[5..Self::DATA_OVERHEAD].copy_from_slice(&len.to_be_bytes());
+    }
+
     /// Decodes one frame from the reader.
     pub fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         Ok(match r.u8()? {
@@ -370,6 +380,9 @@ mod tests {
             let mut buf = Vec::new();
             Frame::Data { ch, data: &data }.encode(&mut buf);
             prop_assert_eq!(buf.len(), Frame::DATA_OVERHEAD + data.len());
+            let mut head = [0; Frame::DATA_OVERHEAD];
+            Frame::write_data_header(ch, data.len(), &mut head);
+            prop_assert_eq!(&buf[..Frame::DATA_OVERHEAD], &head[..]);
             prop_assert_eq!(Frame::decode_all(&buf).unwrap(), vec![Frame::Data { ch, data: &data }]);
         }
 

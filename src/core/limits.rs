@@ -90,6 +90,9 @@ pub const MAX_DATA_EVENT_SLACK: usize = 4;
 /// Emptied Data buffers the application may hand back for reuse ([`MAX_DATA_EVENT`] each):
 /// bulk transfer then allocates no new buffers.
 pub const MAX_SPARE_BUFFERS: usize = 4;
+/// Written record buffers a session keeps for the next records and for data read straight
+/// into records (`session::RECORD_CAPACITY`, about 66 KiB, each).
+pub const MAX_SPARE_RECORDS: usize = 8;
 /// Records a session queues for sending before the application must wait.
 pub const MAX_QUEUED_RECORDS: usize = 4096;
 

@@ -26,6 +26,7 @@ use super::limits::{
     CHANNEL_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_CHANNELS,
     MAX_CHANNEL_PARAMS, MAX_DATA_EVENT, MAX_DATA_EVENT_SLACK, MAX_FRAME_DATA, MAX_HANDSHAKE_MSG,
     MAX_QUEUED_RECORDS, MAX_RECORD_BODY, MAX_RECORD_PLAINTEXT, MAX_SPARE_BUFFERS,
+    MAX_SPARE_RECORDS,
 };
 use super::ratchet::{Ratchet, RatchetError, RatchetInit, HEADER_LEN};
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,13 @@ const RECORD_HEAD: usize = 5;
 /// Room in front of the frames of the record being built: its record prefix and the ratchet
 /// header, both written when it is sealed (in place, so the frames are never copied again).
 const PENDING_HEAD: usize = RECORD_HEAD + HEADER_LEN;
+/// Capacity of a record buffer from [`Session::record_buffer`]: room for the longest record
+/// (prefix, ratchet header with KEM fields, a full plaintext, tag), so sealing never
+/// reallocates.
+pub const RECORD_CAPACITY: usize = RECORD_HEAD + Ratchet::MAX_OVERHEAD + MAX_RECORD_PLAINTEXT;
+/// Bytes in front of the data in a buffer for [`Session::send_records`]: the record prefix,
+/// the ratchet header and the DATA frame header, all written when the record is sealed.
+pub const DATA_RECORD_HEAD: usize = PENDING_HEAD + Frame::DATA_OVERHEAD;
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -283,6 +291,9 @@ pub struct SessionStats {
     pub records_received: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Records built in a written record's buffer handed back ([`Session::recycle_record`])
+    /// instead of a new one.
+    pub records_reused: u64,
 }
 
 /// A session endpoint. See the module documentation for the calling order.
@@ -307,6 +318,9 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Emptied Data buffers handed back by the application ([`Session::recycle`]).
     spare: Vec<Vec<u8>>,
+    /// Written records handed back by the driver ([`Session::recycle_record`]), for the next
+    /// records and for [`Session::record_buffer`].
+    spare_records: Vec<Vec<u8>>,
     created: Instant,
     last_received: Instant,
     last_sent: Instant,
@@ -330,6 +344,20 @@ impl fmt::Debug for Session {
             .field("stats", &self.stats)
             .finish()
     }
+}
+
+/// A new buffer of [`RECORD_CAPACITY`] holding `DATA_RECORD_HEAD + MAX_FRAME_DATA` zeros: room
+/// for a record's headers and a full frame of data to be read in ([`Session::send_records`]).
+pub fn new_record_buffer() -> Vec<u8> {
+    let mut rec = Vec::with_capacity(RECORD_CAPACITY);
+    rec.resize(DATA_RECORD_HEAD + MAX_FRAME_DATA, 0);
+    rec
+}
+
+/// Whether a written record's buffer is one worth reusing ([`Session::recycle_record`]): it
+/// has [`RECORD_CAPACITY`] (and not much more).
+pub fn is_record_buffer(rec: &Vec<u8>) -> bool {
+    (RECORD_CAPACITY..2 * RECORD_CAPACITY).contains(&rec.capacity())
 }
 
 fn push_record(out: &mut VecDeque<Vec<u8>>, ty: u8, body: &[u8]) {
@@ -377,6 +405,7 @@ impl Session {
             input_left: 0,
             events: VecDeque::new(),
             spare: Vec::new(),
+            spare_records: Vec::new(),
             created: now,
             last_received: now,
             last_sent: now,
@@ -1162,6 +1191,80 @@ impl Session {
         Ok(n)
     }
 
+    /// Sends data that was read straight into record buffers, each sealed where it lies (no
+    /// copy): every buffer of `recs` holds [`DATA_RECORD_HEAD`] bytes of room and then at
+    /// most `MAX_FRAME_DATA` bytes of `ch`'s data. Buffers leave `recs` from the front while
+    /// the window takes their data whole; the one it takes only in part is copied as far
+    /// as it goes, and the rest stays at the front of `recs`, in the same layout. Returns the
+    /// bytes of data taken. Frames queued earlier are sent first.
+    pub fn send_records(
+        &mut self,
+        now: Instant,
+        ch: u32,
+        recs: &mut VecDeque<Vec<u8>>,
+    ) -> Result<usize, SessionError> {
+        if let Some(r) = recs
+            .iter()
+            .find(|r| !(DATA_RECORD_HEAD..=DATA_RECORD_HEAD + MAX_FRAME_DATA).contains(&r.len()))
+        {
+            return Err(SessionError::TooLong(
+                r.len().saturating_sub(DATA_RECORD_HEAD),
+            ));
+        }
+        let mut taken = 0;
+        while let Some(rec) = recs.front_mut() {
+            let len = rec.len() - DATA_RECORD_HEAD;
+            let window = self.send_window(ch);
+            if window < len {
+                // A window that ends inside this record: the copying path takes its share.
+                let n = self.send(now, ch, &rec[DATA_RECORD_HEAD..DATA_RECORD_HEAD + window])?;
+                rec.drain(DATA_RECORD_HEAD..DATA_RECORD_HEAD + n);
+                return Ok(taken + n);
+            }
+            let mut rec = recs.pop_front().expect("front exists");
+            if len == 0 {
+                self.recycle_record(rec);
+                continue;
+            }
+            let e = self.est()?;
+            let c = e
+                .channels
+                .get_mut(&ch)
+                .expect("window implies an open channel");
+            c.send_window -= len as u64;
+            if !self.pending.is_empty() {
+                self.flush(now);
+            }
+            Frame::write_data_header(ch, len, &mut rec[PENDING_HEAD..DATA_RECORD_HEAD]);
+            self.seal(now, rec);
+            taken += len;
+        }
+        Ok(taken)
+    }
+
+    /// A buffer to read data into for [`Session::send_records`]: a written record handed back
+    /// if there is one, else a new one ([`new_record_buffer`]). It holds
+    /// `DATA_RECORD_HEAD + MAX_FRAME_DATA` bytes, zeros or an old record's ciphertext (reused
+    /// as they are: filling them again would cost what the copy it saves did).
+    pub fn record_buffer(&mut self) -> Vec<u8> {
+        match self.spare_records.pop() {
+            Some(mut rec) => {
+                self.stats.records_reused += 1;
+                rec.resize(DATA_RECORD_HEAD + MAX_FRAME_DATA, 0);
+                rec
+            }
+            None => new_record_buffer(),
+        }
+    }
+
+    /// Gives a written record back for reuse (kept while fewer than [`MAX_SPARE_RECORDS`]
+    /// wait, and only if it has [`RECORD_CAPACITY`]).
+    pub fn recycle_record(&mut self, rec: Vec<u8>) {
+        if self.spare_records.len() < MAX_SPARE_RECORDS && is_record_buffer(&rec) {
+            self.spare_records.push(rec);
+        }
+    }
+
     /// Sends one whole message on a message channel (chat); fails if it does not fit the
     /// window or a frame, rather than splitting it.
     pub fn send_message(
@@ -1316,8 +1419,14 @@ impl Session {
         }
         if self.pending.is_empty() {
             // Room for the longest header too (KEM fields), so sealing never reallocates.
-            self.pending
-                .reserve_exact(RECORD_HEAD + Ratchet::MAX_OVERHEAD + len);
+            self.pending = match self.spare_records.pop() {
+                Some(mut rec) => {
+                    self.stats.records_reused += 1;
+                    rec.clear();
+                    rec
+                }
+                None => Vec::with_capacity(RECORD_HEAD + Ratchet::MAX_OVERHEAD + len),
+            };
             self.pending.resize(PENDING_HEAD, 0);
         }
         frame.encode(&mut self.pending);
@@ -1325,7 +1434,7 @@ impl Session {
 
     /// Seals pending frames into a record, in place.
     fn flush(&mut self, now: Instant) {
-        let State::Established(e) = &mut self.state else {
+        let State::Established(e) = &self.state else {
             self.pending.clear();
             return;
         };
@@ -1337,6 +1446,15 @@ impl Session {
         if rec.is_empty() {
             rec.resize(PENDING_HEAD, 0);
         }
+        self.seal(now, rec);
+    }
+
+    /// Seals `PENDING_HEAD` bytes of room followed by frames into a record, in place, and
+    /// queues it (established sessions only).
+    fn seal(&mut self, now: Instant, mut rec: Vec<u8>) {
+        let State::Established(e) = &mut self.state else {
+            return;
+        };
         let sid = e.session_id;
         e.ratchet
             .seal_in_place(now, &mut *self.rng, &sid, &mut rec, RECORD_HEAD);

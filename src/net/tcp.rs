@@ -10,13 +10,13 @@
 //! the driver stops taking application data, which is how backpressure reaches the sender.
 
 use crate::core::frame::{ChannelKind, CloseCode};
-use crate::core::limits::MAX_DATA_EVENT;
+use crate::core::limits::{MAX_DATA_EVENT, MAX_SPARE_RECORDS};
 use crate::core::ratchet::RatchetStats;
-use crate::core::session::{Event, Session, SessionError, SessionStats};
+use crate::core::session::{self, Event, Session, SessionError, SessionStats};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,6 +49,11 @@ enum Command {
         ch: u32,
         data: Vec<u8>,
         done: oneshot::Sender<Result<Vec<u8>, SessionError>>,
+    },
+    SendRecords {
+        ch: u32,
+        recs: VecDeque<Vec<u8>>,
+        done: oneshot::Sender<Result<Vec<Vec<u8>>, SessionError>>,
     },
     Recycle(Vec<u8>),
     Eof(u32),
@@ -102,6 +107,22 @@ impl SessionHandle {
         self.cmd(Command::Send { ch, data, done });
         rx.await.unwrap_or(Err(SessionError::Closed))
     }
+    /// Sends data read straight into record buffers ([`Session::send_records`]); completes
+    /// once the session has taken all of it, with as many empty record buffers for the
+    /// caller's next read.
+    pub async fn send_records(
+        &self,
+        ch: u32,
+        recs: Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>, SessionError> {
+        let (done, rx) = oneshot::channel();
+        self.cmd(Command::SendRecords {
+            ch,
+            recs: recs.into(),
+            done,
+        });
+        rx.await.unwrap_or(Err(SessionError::Closed))
+    }
     /// Hands an emptied Data buffer back to the session for reuse ([`Session::recycle`]).
     pub fn recycle(&self, buf: Vec<u8>) {
         self.cmd(Command::Recycle(buf));
@@ -139,20 +160,34 @@ impl SessionHandle {
 }
 
 /// Application data waiting for channel window; an EOF marker keeps its place in line.
-struct PendingSend {
-    data: Vec<u8>,
-    off: usize,
-    eof: bool,
-    done: Option<oneshot::Sender<Result<Vec<u8>, SessionError>>>,
+enum PendingSend {
+    Bytes {
+        data: Vec<u8>,
+        off: usize,
+        done: oneshot::Sender<Result<Vec<u8>, SessionError>>,
+    },
+    Records {
+        recs: VecDeque<Vec<u8>>,
+        /// Buffers the caller gave, and gets back empty.
+        given: usize,
+        done: oneshot::Sender<Result<Vec<Vec<u8>>, SessionError>>,
+    },
+    Eof,
 }
 
 impl PendingSend {
-    /// Completes the send; on success the caller gets its buffer back, emptied.
-    fn finish(self, r: Result<(), SessionError>) {
-        if let Some(d) = self.done {
-            let mut data = self.data;
-            data.clear();
-            let _ = d.send(r.map(|()| data));
+    /// Completes the send; on success the caller gets its buffers back, emptied (record
+    /// buffers: the session's spares, the given ones having become records).
+    fn finish(self, s: &mut Session, r: Result<(), SessionError>) {
+        match self {
+            PendingSend::Bytes { mut data, done, .. } => {
+                data.clear();
+                let _ = done.send(r.map(|()| data));
+            }
+            PendingSend::Records { given, done, .. } => {
+                let _ = done.send(r.map(|()| (0..given).map(|_| s.record_buffer()).collect()));
+            }
+            PendingSend::Eof => {}
         }
     }
 }
@@ -202,11 +237,14 @@ async fn drive<R, W>(
 {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(Notify::new());
+    // Written record buffers on their way back to the session (Session::recycle_record).
+    let written = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
     // Batches of sealed records, one batch per turn of the driver loop.
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<Vec<u8>>>();
     let writer = {
         let in_flight = in_flight.clone();
         let drained = drained.clone();
+        let written = written.clone();
         tokio::spawn(async move {
             let mut batches = Vec::new();
             let mut recs = Vec::new();
@@ -219,6 +257,10 @@ async fn drive<R, W>(
                     in_flight.store(0, Ordering::Release);
                     drained.notify_one();
                     return;
+                }
+                if let Ok(mut w) = written.lock() {
+                    let room = MAX_SPARE_RECORDS.saturating_sub(w.len());
+                    w.extend(recs.drain(..).filter(session::is_record_buffer).take(room));
                 }
                 recs.clear();
                 in_flight.fetch_sub(n, Ordering::AcqRel);
@@ -236,6 +278,11 @@ async fn drive<R, W>(
     let mut read_open = true;
     loop {
         let now = Instant::now();
+        if let Ok(mut w) = written.try_lock() {
+            for rec in w.drain(..) {
+                s.recycle_record(rec);
+            }
+        }
         // Move application data into the session as far as windows and buffers allow.
         if in_flight.load(Ordering::Acquire) < WRITE_HIGH_WATER {
             pump_sends(&mut s, now, &mut pending);
@@ -318,11 +365,12 @@ async fn drive<R, W>(
         bytes_sent = st.bytes_sent,
         records_received = st.records_received,
         bytes_received = st.bytes_received,
+        records_reused = st.records_reused,
         "session transferred"
     );
     for (_, q) in pending.drain() {
         for p in q {
-            p.finish(Err(SessionError::Closed));
+            p.finish(&mut s, Err(SessionError::Closed));
         }
     }
     drop(wtx);
@@ -359,22 +407,23 @@ fn pump_sends(s: &mut Session, now: Instant, pending: &mut HashMap<u32, VecDeque
             if !s.can_send() {
                 return true;
             }
-            let r = if p.eof {
-                s.send_eof(now, ch).map(|()| 0)
-            } else {
-                s.send(now, ch, &p.data[p.off..])
+            // Whether all of the front entry went into the session.
+            let r = match p {
+                PendingSend::Eof => s.send_eof(now, ch).map(|()| true),
+                PendingSend::Bytes { data, off, .. } => s.send(now, ch, &data[*off..]).map(|n| {
+                    *off += n;
+                    *off == data.len()
+                }),
+                PendingSend::Records { recs, .. } => {
+                    s.send_records(now, ch, recs).map(|_| recs.is_empty())
+                }
             };
             match r {
-                Ok(n) => {
-                    p.off += n;
-                    if p.off < p.data.len() {
-                        return true;
-                    }
-                    q.pop_front().expect("front exists").finish(Ok(()));
-                }
+                Ok(false) => return true,
+                Ok(true) => q.pop_front().expect("front exists").finish(s, Ok(())),
                 Err(e) => {
                     for p in q.drain(..) {
-                        p.finish(Err(e.clone()));
+                        p.finish(s, Err(e.clone()));
                     }
                 }
             }
@@ -406,22 +455,23 @@ fn apply(
             let _ = s.reject_channel(now, ch, code, &reason);
         }
         Command::Send { ch, data, done } => {
-            pending.entry(ch).or_default().push_back(PendingSend {
-                data,
-                off: 0,
-                eof: false,
-                done: Some(done),
-            });
+            pending
+                .entry(ch)
+                .or_default()
+                .push_back(PendingSend::Bytes { data, off: 0, done });
+            pump_sends(s, now, pending);
+        }
+        Command::SendRecords { ch, recs, done } => {
+            let given = recs.len();
+            pending
+                .entry(ch)
+                .or_default()
+                .push_back(PendingSend::Records { recs, given, done });
             pump_sends(s, now, pending);
         }
         Command::Eof(ch) => {
             // After any data already queued for the channel.
-            pending.entry(ch).or_default().push_back(PendingSend {
-                data: Vec::new(),
-                off: 0,
-                eof: true,
-                done: None,
-            });
+            pending.entry(ch).or_default().push_back(PendingSend::Eof);
             pump_sends(s, now, pending);
         }
         Command::CloseChannel(ch, code, reason) => {
