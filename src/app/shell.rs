@@ -660,20 +660,30 @@ fn start_stdin(
     Ok(())
 }
 
+/// Bytes one read of stdin gave, retried when a signal interrupts it; 0 at its end, and
+/// after an error (logged), which ends it too.
+fn read_stdin(mut read: impl FnMut() -> rustix::io::Result<usize>) -> usize {
+    loop {
+        match read() {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                debug!("stdin: {e}");
+                return 0;
+            }
+            Ok(n) => return n,
+        }
+    }
+}
+
 /// Sends stdin read straight into records until its end (true) or until the channel refuses
 /// data (false).
 fn stdin_records(input: &File, tx: &ChannelSender, rt: &tokio::runtime::Handle) -> bool {
     let mut reads = RecordReads::new(Stream::Stdin);
     loop {
-        let n = match rustix::io::readv(input, &mut reads.slices()) {
-            Ok(0) => return true,
-            Ok(n) => n,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                debug!("stdin: {e}");
-                return true;
-            }
-        };
+        let n = read_stdin(|| rustix::io::readv(input, &mut reads.slices()));
+        if n == 0 {
+            return true;
+        }
         match rt.block_on(tx.send_records(reads.filled(n))) {
             Ok(back) => reads.refill(back),
             Err(e) => {
@@ -698,15 +708,10 @@ fn stdin_with_escapes(
     loop {
         buf.clear();
         buf.extend_from_slice(&[0; MSG_HEADER]);
-        let n = match rustix::io::read(input, rustix::buffer::spare_capacity(&mut buf)) {
-            Ok(0) => return true,
-            Ok(n) => n,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                debug!("stdin: {e}");
-                return true;
-            }
-        };
+        let n = read_stdin(|| rustix::io::read(input, rustix::buffer::spare_capacity(&mut buf)));
+        if n == 0 {
+            return true;
+        }
         let mut clean = Vec::with_capacity(n);
         match esc.filter(&buf[MSG_HEADER..], &mut clean) {
             Some(Escape::Disconnect) => {
