@@ -1247,14 +1247,20 @@ impl Session {
     /// `DATA_RECORD_HEAD + MAX_FRAME_DATA` bytes, zeros or an old record's ciphertext (reused
     /// as they are: filling them again would cost what the copy it saves did).
     pub fn record_buffer(&mut self) -> Vec<u8> {
-        match self.spare_records.pop() {
+        match self.take_spare_record() {
             Some(mut rec) => {
-                self.stats.records_reused += 1;
                 rec.resize(DATA_RECORD_HEAD + MAX_FRAME_DATA, 0);
                 rec
             }
             None => new_record_buffer(),
         }
+    }
+
+    /// The newest written record handed back, if any (counted as reused).
+    fn take_spare_record(&mut self) -> Option<Vec<u8>> {
+        let rec = self.spare_records.pop()?;
+        self.stats.records_reused += 1;
+        Some(rec)
     }
 
     /// Gives a written record back for reuse (kept while fewer than [`MAX_SPARE_RECORDS`]
@@ -1419,9 +1425,8 @@ impl Session {
         }
         if self.pending.is_empty() {
             // Room for the longest header too (KEM fields), so sealing never reallocates.
-            self.pending = match self.spare_records.pop() {
+            self.pending = match self.take_spare_record() {
                 Some(mut rec) => {
-                    self.stats.records_reused += 1;
                     rec.clear();
                     rec
                 }
