@@ -17,7 +17,10 @@
 # commit: the interleaved run then brings it up too, as a third tunnel, and prints the ratio;
 # QSSH_BASE_ARGS, its flags, default QSSH_ARGS), STAGES (1: during the interleaved run,
 # record kernel tracepoints with perf for 8 s and print each stage of a ping's round trip
-# through qssh and boringtun, bench/vpn_stages.py).
+# through qssh and boringtun, bench/vpn_stages.py). With STAGES: EXTRA_EV (more perf
+# events for that recording, with a leading comma, e.g.
+# ",raw_syscalls:sys_enter,raw_syscalls:sys_exit" to see each packet-thread turn's system
+# calls) and STAGES_KEEP (a file to keep the `perf script` text in, for a closer look).
 #
 # First-reply time: bench/first_reply.py, already running in the dialing namespace, starts
 # the dialing side (for boringtun and ssh -w, the commands that configure the interface,
@@ -220,9 +223,9 @@ bench_interleaved() {
   done
   if [ -n "$STAGES" ]; then
     perf record -q -a -o "$TMP/stages.data" \
-      -e net:net_dev_queue,net:netif_receive_skb,sched:sched_switch,sched:sched_waking \
+      -e net:net_dev_queue,net:netif_receive_skb,sched:sched_switch,sched:sched_waking${EXTRA_EV:-} \
       -- sleep 8 >/dev/null 2>&1 || true
-    perf script -i "$TMP/stages.data" -F comm,tid,cpu,time,event,trace 2>/dev/null \
+    perf script -i "$TMP/stages.data" -F comm,tid,cpu,time,event,trace 2>/dev/null | tee "${STAGES_KEEP:-/dev/null}" \
       | python3 bench/vpn_stages.py /dev/stdin >"$TMP/stages.txt" || true
   fi
   wait "${pids[@]}" || true

@@ -134,6 +134,8 @@ def main(path):
         if ts is None:
             continue
         woken[tunnel][ts["a_woken"]] += 1
+        if "t5" in ts:
+            stages[tunnel]["woken " + ts["a_woken"]].append(ts["t5"] - ts["t3"])
         for name, frm, to in STAGES:
             if frm in ts and to in ts:
                 stages[tunnel][name].append(ts[to] - ts[frm])
@@ -146,9 +148,12 @@ def main(path):
         print(f"{name:<28}" + "".join(f"{c:>20}" for c in cells))
     for t in TUNNELS:
         w = woken[t]
+        same, other = (stages[t]["woken " + c] for c in ("same CPU", "other CPU"))
         print(
-            f"{t}: A woken on the sender's CPU {w['same CPU']}, on the other CPU "
-            f"{w['other CPU']}, running already {w['running']}, of {sum(w.values())} pings"
+            f"{t}: A woken on the sender's CPU {w['same CPU']} (UDP to A running "
+            f"{statistics.median(same) if same else 0:.1f} µs), on the other CPU "
+            f"{w['other CPU']} ({statistics.median(other) if other else 0:.1f} µs), "
+            f"running already {w['running']}, of {sum(w.values())} pings"
         )
 
 
