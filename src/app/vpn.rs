@@ -480,9 +480,27 @@ impl Tunnel {
         Some(peer)
     }
 
-    /// Reads what the TUN holds (up to a batch) and sends every packet to its peer. Returns
-    /// false when the TUN failed.
+    /// Reads what the TUN holds (up to a batch) and sends every packet to its peer. The
+    /// first read of a wake-up goes out before the TUN is read again, so a lone packet (a
+    /// ping, a keystroke) does not wait for the read that finds the TUN empty; what came in
+    /// meanwhile is read as one batch. Returns false when the TUN failed.
     fn read_tun(&self, rt: &Handle, r: &mut TunReader) -> bool {
+        for until_empty in [false, true] {
+            match self.fill(r, until_empty) {
+                Ok(0) => break,
+                Ok(filled) => self.send_read(rt, r, filled),
+                Err(e) => {
+                    warn!(tun = %self.tun.name, "TUN read failed: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Reads the TUN into `r`'s buffers: one read, or with `until_empty` reads until it is
+    /// empty or a batch is full. Returns how many packets were read.
+    fn fill(&self, r: &mut TunReader, until_empty: bool) -> io::Result<usize> {
         let mut filled = 0;
         while filled + TUN_BATCH_FREE <= IDEAL_BATCH_SIZE {
             match self.tun.dev.recv_multiple(
@@ -491,15 +509,19 @@ impl Tunnel {
                 &mut r.sizes[filled..],
                 0,
             ) {
-                Ok(n) => filled += n,
+                Ok(n) if until_empty => filled += n,
+                Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!(tun = %self.tun.name, "TUN read failed: {e}");
-                    return false;
-                }
+                Err(e) => return Err(e),
             }
         }
+        Ok(filled)
+    }
+
+    /// Sends the first `filled` packets in `r`'s buffers, each to the peer its destination
+    /// routes to.
+    fn send_read(&self, rt: &Handle, r: &mut TunReader, filled: usize) {
         r.groups.clear();
         {
             let table = self.peers.read().expect("peers lock");
@@ -533,7 +555,6 @@ impl Tunnel {
             idx.clear();
             r.spare.push(idx);
         }
-        true
     }
 
     /// Receives the datagram records waiting on `link` and writes what opens to the TUN.
