@@ -20,7 +20,7 @@ use crate::core::service::{
 };
 use crate::core::session::Payload;
 use std::ffi::{OsStr, OsString};
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
@@ -37,6 +37,9 @@ use tracing::{debug, info, warn};
 
 /// Kernel buffer asked for the command's pipes (fewer wake-ups for bulk output).
 pub const CHILD_PIPE_SIZE: usize = 1 << 20;
+/// Most byte ranges one vectored write to the command carries (far below `IOV_MAX`; a
+/// batch of many tiny stdin messages takes several writes).
+pub const MAX_WRITE_SLICES: usize = 64;
 /// Bytes read from a PTY master per message.
 pub const PTY_READ_CHUNK: usize = 64 * 1024;
 /// After the command on a PTY exited, output is drained until the terminal reports its end
@@ -333,14 +336,11 @@ async fn stdin_writer(mut jobs: mpsc::UnboundedReceiver<Job>, mut sink: Sink, tx
                 ranges,
                 consume,
             } => {
-                for r in ranges {
-                    if broken {
-                        break;
-                    }
+                if !broken {
                     let res = match &mut sink {
-                        Sink::Pipe(Some(p)) => p.write_all(&buf[r]).await,
+                        Sink::Pipe(Some(p)) => write_ranges(p, &buf, &ranges).await,
                         Sink::Pipe(None) => Ok(()),
-                        Sink::Pty(m) => m.write_all(&buf[r]).await,
+                        Sink::Pty(m) => write_ranges(m, &buf, &ranges).await,
                     };
                     if let Err(e) = res {
                         debug!("command stopped taking input: {e}");
@@ -357,6 +357,30 @@ async fn stdin_writer(mut jobs: mpsc::UnboundedReceiver<Job>, mut sink: Sink, tx
             }
         }
     }
+}
+
+/// Writes `ranges` of `buf` in order, [`MAX_WRITE_SLICES`] ranges per system call at most
+/// (the stdin messages of one received batch reach the command in one write).
+async fn write_ranges(
+    w: &mut (impl AsyncWrite + Unpin),
+    buf: &[u8],
+    ranges: &[std::ops::Range<usize>],
+) -> io::Result<()> {
+    for group in ranges.chunks(MAX_WRITE_SLICES) {
+        let mut slices: Vec<IoSlice<'_>> = group
+            .iter()
+            .map(|r| IoSlice::new(&buf[r.clone()]))
+            .collect();
+        let mut rest = &mut slices[..];
+        IoSlice::advance_slices(&mut rest, 0);
+        while !rest.is_empty() {
+            match w.write_vectored(rest).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => IoSlice::advance_slices(&mut rest, n),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the peer's messages until the channel is gone: stdin goes to the writer in order,
@@ -606,6 +630,98 @@ mod tests {
         for no in ["LD_PRELOAD", "PATH", "BASH_ENV", "HOME", "SHELL"] {
             assert!(!accepted_env(no), "{no}");
         }
+    }
+
+    /// Takes at most `per_call` bytes per write, across the slices given, and counts calls.
+    struct Trickle {
+        got: Vec<u8>,
+        per_call: usize,
+        calls: usize,
+        most_slices: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.calls += 1;
+            self.most_slices = self.most_slices.max(bufs.len());
+            let mut left = self.per_call;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.got.extend_from_slice(&b[..n]);
+                left -= n;
+            }
+            std::task::Poll::Ready(Ok(self.per_call - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn stdin_ranges_arrive_in_order_through_partial_vectored_writes() {
+        // 200 ranges of 1..=9 bytes with 3-byte gaps (message headers) between them.
+        let buf: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        for i in 0..200 {
+            let len = 1 + i % 9;
+            ranges.push(at..at + len);
+            at += len + 3;
+        }
+        let want: Vec<u8> = ranges
+            .iter()
+            .flat_map(|r| buf[r.clone()].to_vec())
+            .collect();
+        for per_call in [1, 5, 64, usize::MAX / 2] {
+            let mut w = Trickle {
+                got: Vec::new(),
+                per_call,
+                calls: 0,
+                most_slices: 0,
+            };
+            write_ranges(&mut w, &buf, &ranges).await.unwrap();
+            assert_eq!(w.got, want, "{per_call} bytes per write");
+            assert!(w.most_slices <= MAX_WRITE_SLICES);
+            if per_call > want.len() {
+                // Whole groups go in one write each.
+                assert_eq!(w.calls, ranges.len().div_ceil(MAX_WRITE_SLICES));
+            }
+        }
+        let mut stuck = Trickle {
+            got: Vec::new(),
+            per_call: 0,
+            calls: 0,
+            most_slices: 0,
+        };
+        let err = write_ranges(&mut stuck, &buf, &ranges).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 
     #[test]
