@@ -53,27 +53,33 @@ def tunnel_of(dev):
     return next((t for t, (prefix, _) in TUNNELS.items() if dev.startswith(prefix)), None)
 
 
-def parse(path):
-    events = []
+def perf_lines(path):
+    """The events of a `perf script -F comm,tid,cpu,time,event,trace` text, as (comm, tid,
+    cpu, time in µs, event, trace) in file order (bench/vpn_turns.py reads them too)."""
     with open(path) as f:
         for line in f:
             m = LINE.match(line)
-            if not m:
-                continue
-            comm, tid, cpu, t, event, trace = m.groups()
-            sw = SWITCH.search(trace) if event == "sched:sched_switch" else None
-            dev = DEV.search(trace)
-            events.append(
-                {
-                    "t": float(t) * 1e6,
-                    "comm": comm,
-                    "tid": int(tid),
-                    "cpu": int(cpu),
-                    "event": event,
-                    "dev": dev.group(1) if dev else None,
-                    "next": (sw.group(4), int(sw.group(5))) if sw else None,
-                }
-            )
+            if m:
+                comm, tid, cpu, t, event, trace = m.groups()
+                yield comm, int(tid), int(cpu), float(t) * 1e6, event, trace
+
+
+def parse(path):
+    events = []
+    for comm, tid, cpu, t, event, trace in perf_lines(path):
+        sw = SWITCH.search(trace) if event == "sched:sched_switch" else None
+        dev = DEV.search(trace)
+        events.append(
+            {
+                "t": t,
+                "comm": comm,
+                "tid": tid,
+                "cpu": cpu,
+                "event": event,
+                "dev": dev.group(1) if dev else None,
+                "next": (sw.group(4), int(sw.group(5))) if sw else None,
+            }
+        )
     events.sort(key=lambda e: e["t"])
     return events
 

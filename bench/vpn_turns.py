@@ -7,23 +7,23 @@ keeps in FILE. A turn runs from the packet thread's switch-in to its switch-out.
 the same sequence of events (system call entries `>` and exits `<`, packets queued on or
 received from a device) are grouped, and for the most common groups each event is printed
 with its median time in µs after the switch-in. Tracing every system call slows each one
-down, so compare the two tunnels within one recording, not with other runs.
+down (and keeps both CPUs busy, so every answering thread is woken on the sender's CPU),
+so compare the two tunnels within one recording, not with other runs.
 """
 import collections
 import re
 import statistics
 import sys
 
-LINE = re.compile(r"\s*(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s+(.*)")
-SWITCH = re.compile(r"prev_comm=(.*?) prev_pid=(\d+) .*==> next_comm=(.*?) next_pid=(\d+)")
+from vpn_stages import DEV, SWITCH, TUNNELS, perf_lines
+
 SYSCALL = re.compile(r"NR (\d+)")
-DEV = re.compile(r"dev=(\S+)")
 # x86-64 numbers of the calls these loops make.
 NAMES = {0: "read", 1: "write", 19: "readv", 20: "writev", 44: "sendto", 45: "recvfrom",
          46: "sendmsg", 47: "recvmsg", 202: "futex", 232: "epoll_wait", 233: "epoll_ctl",
          281: "epoll_pwait", 299: "recvmmsg", 307: "sendmmsg", 441: "epoll_pwait2"}
-# Packet threads by name (as the kernel truncates it), and the tunnel each belongs to.
-THREADS = {"qssh-vpn-packet": "qssh", "boringtun-cli": "boringtun"}
+# Packet threads by name, and the tunnel each belongs to.
+THREADS = {thread: tunnel for tunnel, (_, thread) in TUNNELS.items()}
 GROUPS_SHOWN = 4
 MIN_TURNS = 10
 
@@ -32,31 +32,25 @@ def turns(path):
     """Each tunnel's turns, as lists of (µs, event label)."""
     running = {}
     done = collections.defaultdict(list)
-    with open(path) as f:
-        for line in f:
-            m = LINE.match(line)
-            if not m:
+    for _, tid, _, t, event, trace in perf_lines(path):
+        if event == "sched:sched_switch":
+            sw = SWITCH.search(trace)
+            if not sw:
                 continue
-            _, tid, _, t, event, trace = m.groups()
-            tid, t = int(tid), float(t) * 1e6
-            if event == "sched:sched_switch":
-                sw = SWITCH.search(trace)
-                if not sw:
-                    continue
-                prev, next_comm, next_pid = int(sw.group(2)), sw.group(3), int(sw.group(4))
-                if prev in running:
-                    done[THREADS[sw.group(1)]].append(running.pop(prev))
-                if next_comm in THREADS:
-                    running[next_pid] = [(t, "in")]
-            elif tid in running:
-                if event.startswith("raw_syscalls:"):
-                    nr = int(SYSCALL.search(trace).group(1))
-                    mark = ">" if event.endswith("enter") else "<"
-                    running[tid].append((t, mark + NAMES.get(nr, str(nr))))
-                elif event.startswith("net:"):
-                    dev = DEV.search(trace)
-                    what = "queued" if event == "net:net_dev_queue" else "received"
-                    running[tid].append((t, f"{what}@{dev.group(1) if dev else '?'}"))
+            prev, next_comm, next_pid = int(sw.group(2)), sw.group(4), int(sw.group(5))
+            if prev in running:
+                done[THREADS[sw.group(1)]].append(running.pop(prev))
+            if next_comm in THREADS:
+                running[next_pid] = [(t, "in")]
+        elif tid in running:
+            if event.startswith("raw_syscalls:"):
+                nr = int(SYSCALL.search(trace).group(1))
+                mark = ">" if event.endswith("enter") else "<"
+                running[tid].append((t, mark + NAMES.get(nr, str(nr))))
+            elif event.startswith("net:"):
+                dev = DEV.search(trace)
+                what = "queued" if event == "net:net_dev_queue" else "received"
+                running[tid].append((t, f"{what}@{dev.group(1) if dev else '?'}"))
     return done
 
 
