@@ -19,8 +19,9 @@ use crate::core::service::{
     data_header, CommandParams, Msg, MsgDecoder, Piece, Stream, MSG_HEADER,
 };
 use crate::core::session::Payload;
+use crate::net::tcp::write_all_bufs;
 use std::ffi::{OsStr, OsString};
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -29,7 +30,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::unix::pipe;
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
@@ -37,9 +38,6 @@ use tracing::{debug, info, warn};
 
 /// Kernel buffer asked for the command's pipes (fewer wake-ups for bulk output).
 pub const CHILD_PIPE_SIZE: usize = 1 << 20;
-/// Most byte ranges one vectored write to the command carries (far below `IOV_MAX`; a
-/// batch of many tiny stdin messages takes several writes).
-pub const MAX_WRITE_SLICES: usize = 64;
 /// Bytes read from a PTY master per message.
 pub const PTY_READ_CHUNK: usize = 64 * 1024;
 /// After the command on a PTY exited, output is drained until the terminal reports its end
@@ -359,28 +357,16 @@ async fn stdin_writer(mut jobs: mpsc::UnboundedReceiver<Job>, mut sink: Sink, tx
     }
 }
 
-/// Writes `ranges` of `buf` in order, [`MAX_WRITE_SLICES`] ranges per system call at most
-/// (the stdin messages of one received batch reach the command in one write).
+/// Writes `ranges` of `buf` in order: the stdin messages of one received batch reach the
+/// command in one vectored write ([`MAX_WRITE_SLICES`](crate::net::tcp::MAX_WRITE_SLICES)
+/// ranges at most).
 async fn write_ranges(
     w: &mut (impl AsyncWrite + Unpin),
     buf: &[u8],
     ranges: &[std::ops::Range<usize>],
 ) -> io::Result<()> {
-    for group in ranges.chunks(MAX_WRITE_SLICES) {
-        let mut slices: Vec<IoSlice<'_>> = group
-            .iter()
-            .map(|r| IoSlice::new(&buf[r.clone()]))
-            .collect();
-        let mut rest = &mut slices[..];
-        IoSlice::advance_slices(&mut rest, 0);
-        while !rest.is_empty() {
-            match w.write_vectored(rest).await? {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => IoSlice::advance_slices(&mut rest, n),
-            }
-        }
-    }
-    Ok(())
+    let pieces: Vec<&[u8]> = ranges.iter().map(|r| &buf[r.clone()]).collect();
+    write_all_bufs(w, &pieces).await
 }
 
 /// Reads the peer's messages until the channel is gone: stdin goes to the writer in order,
@@ -621,6 +607,8 @@ async fn run_pty(channel: Channel, mut child: Child, master: Master) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::tcp::MAX_WRITE_SLICES;
+    use std::io::IoSlice;
 
     #[test]
     fn accepted_environment_is_locale_only() {

@@ -29,9 +29,9 @@ pub const WRITE_HIGH_WATER: usize = 4 << 20;
 const READ_CHUNK: usize = 256 * 1024;
 // Read buffers go to the application as Data events and come back as spares.
 const _: () = assert!(READ_CHUNK <= MAX_DATA_EVENT);
-/// Buffers handed to one vectored write at most (each a sealed record of at most
-/// `MAX_RECORD_PLAINTEXT` plus overhead).
-const MAX_WRITE_SLICES: usize = 64;
+/// Buffers handed to one vectored write at most ([`write_all_bufs`]: sealed records here,
+/// stdin data for a command in `app::exec`); far below `IOV_MAX`.
+pub const MAX_WRITE_SLICES: usize = 64;
 /// Commands the driver applies in one turn of its loop before it seals and writes.
 const MAX_COMMANDS_PER_TURN: usize = 64;
 
@@ -379,11 +379,15 @@ async fn drive<R, W>(
 }
 
 /// Writes every buffer of `bufs` in order, in vectored writes of up to `MAX_WRITE_SLICES`.
-async fn write_all_bufs<W: AsyncWrite + Unpin>(wr: &mut W, bufs: &[Vec<u8>]) -> io::Result<()> {
+pub async fn write_all_bufs<W, B>(wr: &mut W, bufs: &[B]) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    B: AsRef<[u8]>,
+{
     let (mut i, mut off) = (0, 0);
     while i < bufs.len() {
-        let slices: Vec<IoSlice<'_>> = std::iter::once(&bufs[i][off..])
-            .chain(bufs[i + 1..].iter().map(Vec::as_slice))
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&bufs[i].as_ref()[off..])
+            .chain(bufs[i + 1..].iter().map(AsRef::as_ref))
             .take(MAX_WRITE_SLICES)
             .map(IoSlice::new)
             .collect();
@@ -391,8 +395,8 @@ async fn write_all_bufs<W: AsyncWrite + Unpin>(wr: &mut W, bufs: &[Vec<u8>]) -> 
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while i < bufs.len() && n >= bufs[i].len() - off {
-            n -= bufs[i].len() - off;
+        while i < bufs.len() && n >= bufs[i].as_ref().len() - off {
+            n -= bufs[i].as_ref().len() - off;
             i += 1;
             off = 0;
         }
