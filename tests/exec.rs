@@ -205,6 +205,66 @@ fn a_reader_that_does_not_read_stops_the_remote_writer() {
     assert_eq!(reader.join().unwrap(), OFFERED);
 }
 
+/// Threads of `pid` whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+#[test]
+fn the_listener_lets_go_of_a_command_that_outlives_its_client() {
+    // A command that ignores the hang-up and holds its stdin, stdout and stderr open
+    // without using them: the listener's threads for them must still end when the
+    // client is gone.
+    const GONE_WITHIN: Duration = Duration::from_secs(10);
+    let p = Pair::new(true, &[]);
+    let t = p.listener.target();
+    let listener_pid = p.listener.guard.0.as_ref().unwrap().id();
+    let pid_file = p.dir.path().join("command.pid");
+    let script = format!(
+        "trap '' HUP; echo $$ > {}; exec sleep 60",
+        pid_file.display()
+    );
+    let mut client = Guard(Some(
+        qssh(&p.client)
+            .args(["exec", &t, "--", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let command_pid = wait_for(WAIT, || {
+        std::fs::read_to_string(&pid_file)
+            .ok()?
+            .trim()
+            .parse::<i32>()
+            .ok()
+    })
+    .expect("the command did not start");
+    let command = rustix::process::Pid::from_raw(command_pid).unwrap();
+    assert_eq!(
+        threads_named(listener_pid, "qssh-cmd-"),
+        3,
+        "stdin, stdout and stderr"
+    );
+    client.child().kill().unwrap();
+    let _ = client.child().wait();
+    let gone = wait_for(GONE_WITHIN, || {
+        (threads_named(listener_pid, "qssh-cmd-") == 0).then_some(())
+    });
+    let still_there = rustix::process::test_kill_process(command).is_ok();
+    let _ = rustix::process::kill_process(command, rustix::process::Signal::KILL);
+    assert!(
+        gone.is_some(),
+        "the listener still serves the command's pipes"
+    );
+    assert!(still_there, "the command should have outlived its client");
+}
+
 #[test]
 fn refused_and_unreachable_are_exit_255() {
     let p = Pair::new(false, &[]);

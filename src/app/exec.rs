@@ -10,7 +10,7 @@
 //! When the peer goes away first (channel closed, session lost) the command's process group
 //! gets SIGHUP, as a terminal hang-up would deliver.
 
-use super::bulk::RecordReads;
+use super::cmdio::{self, Job};
 use super::pty::{set_window_size, Pty, PTY_HELPER, SELF_EXE};
 use super::router::{Channel, ChannelEvent, ChannelSender, RouterHandle};
 use crate::core::frame::{ChannelKind, CloseCode};
@@ -18,8 +18,6 @@ use crate::core::identity::PeerId;
 use crate::core::service::{
     data_header, CommandParams, Msg, MsgDecoder, Piece, Stream, MSG_HEADER,
 };
-use crate::core::session::Payload;
-use crate::net::tcp::write_all_bufs;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::net::SocketAddr;
@@ -30,9 +28,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStdin};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -99,13 +97,12 @@ fn home_dir() -> PathBuf {
 }
 
 /// The listener's end of a command's PTY. tokio's `AsyncFd` constructor is `unsafe` (or
-/// deprecated) since tokio 1.54, so the non-blocking master is driven through tokio's pipe
-/// types, whose unchecked constructors are safe: for readiness and read/write a PTY master
-/// behaves like a pipe (a hang-up reads as EIO, handled as the end).
+/// deprecated) since tokio 1.54, so the non-blocking master is read through tokio's pipe
+/// type, whose unchecked constructor is safe: for readiness and reads a PTY master behaves
+/// like a pipe (a hang-up reads as EIO, handled as the end).
 struct Master {
     reader: pipe::Receiver,
-    writer: pipe::Sender,
-    /// For window size changes.
+    /// For input (on the stdin thread, [`cmdio`]) and window size changes.
     control: OwnedFd,
 }
 
@@ -162,10 +159,6 @@ fn start(p: &CommandParams, who: &Requester) -> Result<Started, SpawnError> {
         rustix::io::ioctl_fionbio(&pty.master, true).map_err(|e| SpawnError::Pty(e.into()))?;
         master = Some(Master {
             reader: pipe::Receiver::from_owned_fd_unchecked(
-                pty.master.try_clone().map_err(SpawnError::Pty)?,
-            )
-            .map_err(SpawnError::Pty)?,
-            writer: pipe::Sender::from_owned_fd_unchecked(
                 pty.master.try_clone().map_err(SpawnError::Pty)?,
             )
             .map_err(SpawnError::Pty)?,
@@ -306,69 +299,6 @@ impl Drop for Hangup {
     }
 }
 
-/// Where the peer's stdin bytes go.
-enum Sink {
-    Pipe(Option<ChildStdin>),
-    Pty(pipe::Sender),
-}
-
-/// Stdin work for the writer, in channel order.
-enum Job {
-    /// Write these ranges of `buf`, then give `consume` bytes of window back.
-    Data {
-        buf: Payload,
-        ranges: Vec<std::ops::Range<usize>>,
-        consume: usize,
-    },
-    Eof,
-}
-
-/// Writes the peer's stdin to the command. Bytes the command no longer takes (it closed its
-/// stdin) are dropped, as sshd does, and their window is still given back.
-async fn stdin_writer(mut jobs: mpsc::UnboundedReceiver<Job>, mut sink: Sink, tx: ChannelSender) {
-    let mut broken = false;
-    while let Some(job) = jobs.recv().await {
-        match job {
-            Job::Data {
-                buf,
-                ranges,
-                consume,
-            } => {
-                if !broken {
-                    let res = match &mut sink {
-                        Sink::Pipe(Some(p)) => write_ranges(p, &buf, &ranges).await,
-                        Sink::Pipe(None) => Ok(()),
-                        Sink::Pty(m) => write_ranges(m, &buf, &ranges).await,
-                    };
-                    if let Err(e) = res {
-                        debug!("command stopped taking input: {e}");
-                        broken = true;
-                    }
-                }
-                tx.consumed_buffer(consume, buf);
-            }
-            // On a terminal there is nothing to close (sshd does the same).
-            Job::Eof => {
-                if let Sink::Pipe(p) = &mut sink {
-                    *p = None;
-                }
-            }
-        }
-    }
-}
-
-/// Writes `ranges` of `buf` in order: the stdin messages of one received batch reach the
-/// command in one vectored write ([`MAX_WRITE_SLICES`](crate::net::tcp::MAX_WRITE_SLICES)
-/// ranges at most).
-async fn write_ranges(
-    w: &mut (impl AsyncWrite + Unpin),
-    buf: &[u8],
-    ranges: &[std::ops::Range<usize>],
-) -> io::Result<()> {
-    let pieces: Vec<&[u8]> = ranges.iter().map(|r| &buf[r.clone()]).collect();
-    write_all_bufs(w, &pieces).await
-}
-
 /// Reads the peer's messages until the channel is gone: stdin goes to the writer in order,
 /// window changes are applied at once. Returns when the channel closed or broke.
 async fn input_loop(
@@ -434,48 +364,6 @@ async fn input_loop(
     }
 }
 
-/// Sends one stream of the command until its end, then EOF for it. `Err` if the channel is
-/// gone. The pipe is read straight into records ([`RecordReads`]).
-async fn pump(r: Option<OwnedFd>, stream: Stream, tx: &ChannelSender) -> Result<(), ()> {
-    if let Some(fd) = r {
-        let r = match pipe::Receiver::from_owned_fd(fd) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("cannot read the command's {stream:?}: {e}");
-                return tx
-                    .send(Msg::Eof(stream).to_vec())
-                    .await
-                    .map(drop)
-                    .map_err(|_| ());
-            }
-        };
-        let mut reads = RecordReads::new(stream);
-        loop {
-            let n = match r.readable().await {
-                Ok(()) => match r.try_read_vectored(&mut reads.slices()) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        debug!("reading {stream:?}: {e}");
-                        break;
-                    }
-                },
-                Err(e) => {
-                    debug!("reading {stream:?}: {e}");
-                    break;
-                }
-            };
-            let back = tx.send_records(reads.filled(n)).await.map_err(|_| ())?;
-            reads.refill(back);
-        }
-    }
-    tx.send(Msg::Eof(stream).to_vec())
-        .await
-        .map(drop)
-        .map_err(|_| ())
-}
-
 fn exit_message(st: std::process::ExitStatus) -> Msg<'static> {
     match (st.code(), st.signal()) {
         (Some(code), _) => Msg::ExitStatus(code as u32 & 0xff),
@@ -535,17 +423,17 @@ async fn supervise(
 async fn run_pipes(channel: Channel, mut child: Child) {
     let hangup = Hangup::new(&child);
     let (tx, rx) = channel.split();
-    let sink = Sink::Pipe(child.stdin.take());
-    // As plain (non-blocking) pipes, for vectored reads.
+    // As plain non-blocking pipes, served on threads (cmdio).
+    let stdin = child.stdin.take().and_then(|i| i.into_owned_fd().ok());
     let stdout = child.stdout.take().and_then(|o| o.into_owned_fd().ok());
     let stderr = child.stderr.take().and_then(|e| e.into_owned_fd().ok());
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let input = input_loop(rx, jobs_tx, tx.clone(), None);
-    let writer = stdin_writer(jobs_rx, sink, tx.clone());
+    let writer = cmdio::write_stdin(stdin, true, jobs_rx, tx.clone());
     let output = async {
         let (a, b) = tokio::join!(
-            pump(stdout, Stream::Stdout, &tx),
-            pump(stderr, Stream::Stderr, &tx)
+            cmdio::send_output(stdout, Stream::Stdout, tx.clone()),
+            cmdio::send_output(stderr, Stream::Stderr, tx.clone())
         );
         (a.is_ok() && b.is_ok(), child.wait().await)
     };
@@ -556,13 +444,16 @@ async fn run_pty(channel: Channel, mut child: Child, master: Master) {
     let hangup = Hangup::new(&child);
     let Master {
         mut reader,
-        writer,
         control,
     } = master;
     let (tx, rx) = channel.split();
+    let input_fd = control
+        .try_clone()
+        .inspect_err(|e| warn!("cannot write to the terminal: {e}"))
+        .ok();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let input = input_loop(rx, jobs_tx, tx.clone(), Some(control));
-    let writer = stdin_writer(jobs_rx, Sink::Pty(writer), tx.clone());
+    let writer = cmdio::write_stdin(input_fd, false, jobs_rx, tx.clone());
     let output = async {
         let mut status = None;
         let mut delivered = true;
@@ -607,8 +498,6 @@ async fn run_pty(channel: Channel, mut child: Child, master: Master) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::tcp::MAX_WRITE_SLICES;
-    use std::io::IoSlice;
 
     #[test]
     fn accepted_environment_is_locale_only() {
@@ -618,98 +507,6 @@ mod tests {
         for no in ["LD_PRELOAD", "PATH", "BASH_ENV", "HOME", "SHELL"] {
             assert!(!accepted_env(no), "{no}");
         }
-    }
-
-    /// Takes at most `per_call` bytes per write, across the slices given, and counts calls.
-    struct Trickle {
-        got: Vec<u8>,
-        per_call: usize,
-        calls: usize,
-        most_slices: usize,
-    }
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<io::Result<usize>> {
-            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
-        }
-
-        fn poll_write_vectored(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> std::task::Poll<io::Result<usize>> {
-            self.calls += 1;
-            self.most_slices = self.most_slices.max(bufs.len());
-            let mut left = self.per_call;
-            for b in bufs {
-                let n = b.len().min(left);
-                self.got.extend_from_slice(&b[..n]);
-                left -= n;
-            }
-            std::task::Poll::Ready(Ok(self.per_call - left))
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
-    #[tokio::test]
-    async fn stdin_ranges_arrive_in_order_through_partial_vectored_writes() {
-        // 200 ranges of 1..=9 bytes with 3-byte gaps (message headers) between them.
-        let buf: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
-        let mut ranges = Vec::new();
-        let mut at = 0;
-        for i in 0..200 {
-            let len = 1 + i % 9;
-            ranges.push(at..at + len);
-            at += len + 3;
-        }
-        let want: Vec<u8> = ranges
-            .iter()
-            .flat_map(|r| buf[r.clone()].to_vec())
-            .collect();
-        for per_call in [1, 5, 64, usize::MAX / 2] {
-            let mut w = Trickle {
-                got: Vec::new(),
-                per_call,
-                calls: 0,
-                most_slices: 0,
-            };
-            write_ranges(&mut w, &buf, &ranges).await.unwrap();
-            assert_eq!(w.got, want, "{per_call} bytes per write");
-            assert!(w.most_slices <= MAX_WRITE_SLICES);
-            if per_call > want.len() {
-                // Whole groups go in one write each.
-                assert_eq!(w.calls, ranges.len().div_ceil(MAX_WRITE_SLICES));
-            }
-        }
-        let mut stuck = Trickle {
-            got: Vec::new(),
-            per_call: 0,
-            calls: 0,
-            most_slices: 0,
-        };
-        let err = write_ranges(&mut stuck, &buf, &ranges).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 
     #[test]

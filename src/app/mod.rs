@@ -3,6 +3,7 @@
 
 pub mod bulk;
 pub mod chat;
+pub mod cmdio;
 pub mod demo;
 pub mod dial;
 pub mod exec;

@@ -30,7 +30,7 @@ const READ_CHUNK: usize = 256 * 1024;
 // Read buffers go to the application as Data events and come back as spares.
 const _: () = assert!(READ_CHUNK <= MAX_DATA_EVENT);
 /// Buffers handed to one vectored write at most ([`write_all_bufs`]: sealed records here,
-/// stdin data for a command in `app::exec`); far below `IOV_MAX`.
+/// stdin data for a command in `app::cmdio`); far below `IOV_MAX`.
 pub const MAX_WRITE_SLICES: usize = 64;
 /// Commands the driver applies in one turn of its loop before it seals and writes.
 const MAX_COMMANDS_PER_TURN: usize = 64;
@@ -379,7 +379,7 @@ async fn drive<R, W>(
 }
 
 /// Writes every buffer of `bufs` in order, in vectored writes of up to `MAX_WRITE_SLICES`.
-pub async fn write_all_bufs<W, B>(wr: &mut W, bufs: &[B]) -> io::Result<()>
+async fn write_all_bufs<W, B>(wr: &mut W, bufs: &[B]) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
     B: AsRef<[u8]>,
