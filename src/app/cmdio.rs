@@ -20,7 +20,7 @@ use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use tokio::sync::{mpsc, oneshot};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Stdin work for the command's writer, in channel order.
 pub enum Job {
@@ -119,7 +119,7 @@ pub async fn write_stdin(
         }
     };
     if let Err(e) = on_thread("qssh-cmd-stdin", work).await {
-        debug!("command's stdin: {e}");
+        warn!("command's stdin: {e}");
     }
 }
 
@@ -186,7 +186,10 @@ pub async fn send_output(fd: Option<OwnedFd>, stream: Stream, tx: ChannelSender)
             .map(drop)
             .map_err(drop)
     };
-    on_thread(name, work).await.unwrap_or(Err(()))
+    on_thread(name, work).await.unwrap_or_else(|e| {
+        warn!("command's {stream:?}: {e}");
+        Err(())
+    })
 }
 
 #[cfg(test)]
