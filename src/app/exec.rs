@@ -34,8 +34,11 @@ use tokio::process::Child;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-/// Kernel buffer asked for the command's pipes (fewer wake-ups for bulk output).
-pub const CHILD_PIPE_SIZE: usize = 1 << 20;
+/// Kernel buffer asked for the command's pipes: about one bulk read (`BULK_READ_CHUNK`);
+/// 1 MiB pipes cost about 7 % more CPU per byte in the exec benchmark (likely their pages
+/// leave the caches between writer and reader), 64 and 128 KiB ones more wake-ups
+/// (bench/README, session 12).
+pub const CHILD_PIPE_SIZE: usize = 256 * 1024;
 /// Bytes read from a PTY master per message.
 pub const PTY_READ_CHUNK: usize = 64 * 1024;
 /// After the command on a PTY exited, output is drained until the terminal reports its end

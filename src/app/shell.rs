@@ -42,8 +42,9 @@ use tracing::debug;
 /// Bytes read from a local terminal per channel message (from a pipe or file, stdin is read
 /// straight into records, [`BULK_READ_CHUNK`] at a time).
 pub const STDIN_READ_CHUNK: usize = BULK_READ_CHUNK;
-/// Kernel buffer asked for our stdin/stdout when they are pipes (fewer wake-ups in bulk).
-pub const LOCAL_PIPE_SIZE: usize = 1 << 20;
+/// Kernel buffer asked for our stdin/stdout when they are pipes, about one bulk read
+/// (fewer wake-ups in bulk; see `exec::CHILD_PIPE_SIZE` for why not larger).
+pub const LOCAL_PIPE_SIZE: usize = 256 * 1024;
 /// After the exit status, how long we wait for the peer to acknowledge the session's close.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The escape character of terminal sessions.
