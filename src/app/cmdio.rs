@@ -61,7 +61,7 @@ fn nonblocking(fd: OwnedFd) -> Option<OwnedFd> {
     match rustix::io::ioctl_fionbio(&fd, true) {
         Ok(()) => Some(fd),
         Err(e) => {
-            debug!("cannot make the command's pipe non-blocking: {e}");
+            warn!("cannot make the command's pipe non-blocking, so it is not served: {e}");
             None
         }
     }

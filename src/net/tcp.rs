@@ -379,15 +379,11 @@ async fn drive<R, W>(
 }
 
 /// Writes every buffer of `bufs` in order, in vectored writes of up to `MAX_WRITE_SLICES`.
-async fn write_all_bufs<W, B>(wr: &mut W, bufs: &[B]) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-    B: AsRef<[u8]>,
-{
+async fn write_all_bufs<W: AsyncWrite + Unpin>(wr: &mut W, bufs: &[Vec<u8>]) -> io::Result<()> {
     let (mut i, mut off) = (0, 0);
     while i < bufs.len() {
-        let slices: Vec<IoSlice<'_>> = std::iter::once(&bufs[i].as_ref()[off..])
-            .chain(bufs[i + 1..].iter().map(AsRef::as_ref))
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&bufs[i][off..])
+            .chain(bufs[i + 1..].iter().map(Vec::as_slice))
             .take(MAX_WRITE_SLICES)
             .map(IoSlice::new)
             .collect();
@@ -395,8 +391,8 @@ where
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while i < bufs.len() && n >= bufs[i].as_ref().len() - off {
-            n -= bufs[i].as_ref().len() - off;
+        while i < bufs.len() && n >= bufs[i].len() - off {
+            n -= bufs[i].len() - off;
             i += 1;
             off = 0;
         }
