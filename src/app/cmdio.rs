@@ -247,23 +247,31 @@ mod tests {
     fn a_blocked_writer_stops_when_the_async_side_lets_go() {
         // Nobody reads: the pipe fills and the writer waits, until the stop pipe's write
         // end is dropped.
-        let (_rd, wr) = nonblocking_pipe(4096);
+        let (rd, wr) = nonblocking_pipe(4096);
         let (stop, release) = stop_pair();
         let buf = vec![7u8; 100_000];
         let halves = [0..50_000, 50_000..buf.len()];
-        let writer = std::thread::spawn(move || {
-            let started = Instant::now();
-            (write_ranges(&wr, &buf, &halves, &stop), started.elapsed())
-        });
-        std::thread::sleep(Duration::from_millis(100));
+        let writer = std::thread::spawn(move || write_ranges(&wr, &buf, &halves, &stop));
+        // The pipe is full once the writer has written all it can (waiting at most 10 s
+        // for a slow scheduler); it cannot have finished then, the rest does not fit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rustix::io::ioctl_fionread(&rd).unwrap() < 4096 {
+            assert!(
+                Instant::now() < deadline,
+                "the writer never filled the pipe"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
         assert!(
             !writer.is_finished(),
             "the writer should wait on the full pipe"
         );
         drop(release);
-        let (res, waited) = writer.join().unwrap();
-        assert!(res.is_err(), "a stopped write reports it");
-        assert!(waited >= Duration::from_millis(100));
+        assert!(
+            writer.join().unwrap().is_err(),
+            "a stopped write reports it"
+        );
     }
 
     #[test]
