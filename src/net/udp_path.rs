@@ -12,13 +12,14 @@
 //! else through the relay); records arriving there (first byte 0x05) come out of
 //! [`UdpMux::datagrams`] and go to the VPN's incoming-record hook.
 
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -34,6 +35,10 @@ pub const MAX_GSO_BYTES: usize = 65_000;
 /// Longest wait for room in a full socket send buffer before a batch is given up (lost, as
 /// UDP may lose it).
 pub const UDP_SEND_WAIT: Duration = Duration::from_secs(1);
+/// A quiet socket is read one datagram at a time, but at most this many times in a row
+/// before a batch receive checks whether it is busy after all
+/// ([`UdpLink::try_recv_batch`]).
+pub const QUIET_BATCH_EVERY: u32 = 8;
 
 /// Something that carries datagram records to a peer.
 pub trait PacketPath: Send + Sync {
@@ -68,6 +73,11 @@ pub struct RecvBuffers {
     bufs: Vec<Vec<u8>>,
     size: usize,
     meta: Vec<RecvMeta>,
+    /// Receives in a row that took a single datagram with one `recvmsg` (see
+    /// `try_recv_batch`); `None` while the socket is busy and read in batches.
+    quiet: Option<u32>,
+    /// Control-message room for that `recvmsg`: GRO segment size, packet info, TOS.
+    cmsg: Vec<u8>,
 }
 
 impl RecvBuffers {
@@ -135,6 +145,8 @@ impl UdpLink {
             bufs: Vec::new(),
             size: (self.state.gro_segments().max(1) * 1500).max(MAX_UDP_PAYLOAD),
             meta: vec![RecvMeta::default(); BATCH_SIZE],
+            quiet: Some(0),
+            cmsg: nix::cmsg_space!(libc::c_int, libc::in6_pktinfo, libc::c_int),
         }
     }
 
@@ -145,9 +157,21 @@ impl UdpLink {
     /// milliseconds of page faults; a VPN peer used to pay that in front of its first
     /// packet. So there is one buffer at first, and the set doubles each time a batch fills
     /// every buffer there is, up to `BATCH_SIZE`.
+    ///
+    /// A quiet socket (the last receive found one datagram, not coalesced) is read with one
+    /// plain `recvmsg` instead: the batch receive prepares `BATCH_SIZE` message headers and
+    /// costs a VPN ping's cold turn about 4 µs more (docs/vpn.md, session 13). Every
+    /// [`QUIET_BATCH_EVERY`]th receive in a row is a batch again, so a busy socket whose
+    /// datagrams GRO cannot join is still read in batches after a few calls.
     pub fn try_recv_batch(&self, rb: &mut RecvBuffers) -> io::Result<usize> {
         if rb.bufs.is_empty() {
             rb.bufs.push(vec![0u8; rb.size]);
+        }
+        if let Some(singles) = rb.quiet.filter(|&n| n < QUIET_BATCH_EVERY) {
+            self.recv_one(rb)?;
+            let m = &rb.meta[0];
+            rb.quiet = (m.stride >= m.len).then_some(singles + 1);
+            return Ok(1);
         }
         let count = rb.bufs.len();
         let mut slices: [IoSliceMut<'_>; BATCH_SIZE] =
@@ -163,7 +187,52 @@ impl UdpLink {
             let more = n.min(BATCH_SIZE - n);
             rb.bufs.extend((0..more).map(|_| vec![0u8; rb.size]));
         }
+        // Quiet: room for more, and only one datagram, not coalesced.
+        let m = &rb.meta[0];
+        rb.quiet = (n == 1 && count > 1 && m.stride >= m.len).then_some(0);
         Ok(n)
+    }
+
+    /// One datagram into the first buffer, by `recvmsg`.
+    fn recv_one(&self, rb: &mut RecvBuffers) -> io::Result<()> {
+        let mut iov = [IoSliceMut::new(&mut rb.bufs[0])];
+        let msg = recvmsg::<SockaddrStorage>(
+            self.sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut rb.cmsg),
+            MsgFlags::empty(),
+        )?;
+        let len = msg.bytes;
+        // The GRO control message comes first when there is one (udp_recvmsg).
+        let stride = msg
+            .cmsgs()
+            .ok()
+            .and_then(|mut c| {
+                c.find_map(|m| match m {
+                    ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok(),
+                    _ => None,
+                })
+            })
+            .unwrap_or(len);
+        let addr = match self.peer {
+            Some(p) => p,
+            None => {
+                let a = msg.address.as_ref();
+                match (
+                    a.and_then(SockaddrStorage::as_sockaddr_in),
+                    a.and_then(SockaddrStorage::as_sockaddr_in6),
+                ) {
+                    (Some(v4), _) => SocketAddr::V4((*v4).into()),
+                    (_, Some(v6)) => SocketAddr::V6((*v6).into()),
+                    _ => return Err(io::Error::other("datagram without a sender address")),
+                }
+            }
+        };
+        let m = &mut rb.meta[0];
+        m.addr = addr;
+        m.len = len;
+        m.stride = stride;
+        Ok(())
     }
 
     /// Sends `buf` to `dest` as records of `stride` bytes in GSO batches, waiting (at most
@@ -347,7 +416,9 @@ mod tests {
     }
 
     /// Receive buffers cost nothing before the first datagram, start at one and double each
-    /// time a batch fills them all, up to `BATCH_SIZE`; every datagram still arrives.
+    /// time a batch fills them all, up to `BATCH_SIZE`; every datagram still arrives. The
+    /// first receives of a quiet socket take one datagram each, and a busy one is read in
+    /// batches after a few of them, even though GRO cannot join its datagrams.
     #[test]
     fn receive_buffers_grow_with_the_traffic_and_stay_bounded() {
         let b = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -370,7 +441,10 @@ mod tests {
             sizes.push(rb.bufs.len());
         }
         assert_eq!(got, count);
-        assert_eq!(sizes[0], 2, "one buffer first, filled, then two: {sizes:?}");
+        let singles = QUIET_BATCH_EVERY as usize;
+        assert!(sizes[..singles].iter().all(|&s| s == 1), "{sizes:?}");
+        assert_eq!(sizes[singles], 2, "one buffer first, filled, then two: {sizes:?}");
+        assert!(sizes.len() < count / 2, "mostly batches: {sizes:?}");
         // Each batch keeps the set or doubles it, never past BATCH_SIZE.
         assert!(
             sizes
@@ -379,6 +453,33 @@ mod tests {
             "{sizes:?}"
         );
         assert_eq!(*sizes.last().unwrap(), BATCH_SIZE, "{sizes:?}");
+    }
+
+    /// Lone datagrams are read one at a time; a coalesced (GRO) one, or a batch that finds
+    /// several, means the socket is busy, and it is read in batches until a batch finds one.
+    #[test]
+    fn a_quiet_socket_is_read_one_datagram_at_a_time() {
+        let a = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = UdpLink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dest = b.local_addr().unwrap();
+        let mut rb = b.recv_buffers();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for i in 1..=2 {
+            a.send_records_blocking(dest, b"ping", 4).unwrap();
+            assert_eq!(recv_by(&b, &mut rb, deadline), 1);
+            assert_eq!(rb.quiet, Some(i));
+        }
+        a.send_records_blocking(dest, &[1; 400], 100).unwrap();
+        assert_eq!(recv_by(&b, &mut rb, deadline), 1);
+        assert_eq!(rb.get(0).2, 100, "four records in one buffer");
+        assert_eq!(rb.quiet, None, "busy");
+        // A batch of one buffer is full with one datagram: it cannot tell, and grows.
+        a.send_records_blocking(dest, b"ping", 4).unwrap();
+        assert_eq!(recv_by(&b, &mut rb, deadline), 1);
+        assert_eq!((rb.bufs.len(), rb.quiet), (2, None));
+        a.send_records_blocking(dest, b"ping", 4).unwrap();
+        assert_eq!(recv_by(&b, &mut rb, deadline), 1);
+        assert_eq!(rb.quiet, Some(0), "a batch with room found one: quiet again");
     }
 
     /// A socket connected to one peer shares the main socket's port: that peer's
