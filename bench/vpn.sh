@@ -13,7 +13,8 @@
 # VPN flags, both sides, e.g. "--no-udp" for the TCP link or "--no-offload"), FR_REPS (1: qssh's first-reply
 # time is measured this many times, a fresh connector each time, and the median is shown
 # with min and max), IL_PINGS (400: pings per tunnel in the interleaved RTT run, both
-# tunnels up at once; 0 to skip), QSSH_BASE (another qssh binary, e.g. a build of the previous
+# tunnels up at once; 0 to skip), IL_SWAP (1: ping boringtun's series first), IL_PIN (1: the interleaved run with
+# everything in A on CPU 1 and everything in B on CPU 0, like two hosts), QSSH_BASE (another qssh binary, e.g. a build of the previous
 # commit: the interleaved run then brings it up too, as a third tunnel, and prints the ratio;
 # QSSH_BASE_ARGS, its flags, default QSSH_ARGS), STAGES (1: during the interleaved run,
 # record kernel tracepoints with perf for 8 s and print each stage of a ping's round trip
@@ -213,11 +214,23 @@ bench_interleaved() {
     for _ in $(seq 1 200); do grep -q "interface .* up" "$TMP/qb2.err" 2>/dev/null && break; sleep 0.02; done
     dsts+=(10.203.0.1) names+=(base)
   fi
+  if [ -n "${IL_SWAP:-}" ]; then
+    # boringtun's series first (which series goes first moves the results a little).
+    dsts=("${dsts[1]}" "${dsts[0]}" "${dsts[@]:2}") names=("${names[1]}" "${names[0]}" "${names[@]:2}")
+  fi
+  local pin=()
+  if [ -n "${IL_PIN:-}" ]; then
+    # Two hosts on one machine: everything in A on CPU 1, everything in B on CPU 0.
+    local p
+    for p in $(ip netns pids "$A" | head -n 100); do taskset -a -pc 1 "$p" >/dev/null; done
+    for p in $(ip netns pids "$B" | head -n 100); do taskset -a -pc 0 "$p" >/dev/null; done
+    pin=(taskset -c 0)
+  fi
   local d i pids=()
-  for d in "${dsts[@]}"; do ip netns exec "$B" ping -n -q -c 3 -i 0.1 "$d" >/dev/null || true; done
+  for d in "${dsts[@]}"; do ip netns exec "$B" "${pin[@]}" ping -n -q -c 3 -i 0.1 "$d" >/dev/null || true; done
   # Series 50 ms apart each, started 50/N ms after one another.
   for i in "${!dsts[@]}"; do
-    ip netns exec "$B" ping -n -c "$IL_PINGS" -i 0.05 "${dsts[$i]}" >"$TMP/il-${names[$i]}" &
+    ip netns exec "$B" "${pin[@]}" ping -n -c "$IL_PINGS" -i 0.05 "${dsts[$i]}" >"$TMP/il-${names[$i]}" &
     pids+=($!)
     sleep "$(awk -v n="${#dsts[@]}" 'BEGIN { printf "%.3f", 0.05 / n }')"
   done

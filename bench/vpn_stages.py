@@ -21,7 +21,14 @@ answering one. For every echo request that ping queues on B's TUN, it follows:
 and prints each stage's median (µs) for both tunnels, then how the answering thread got to
 run: woken on the CPU that sent it the record (fast), woken on the other CPU (on these VMs
 an idle vCPU is halted, and waking it is slow), or running already, with the median time
-from the record leaving B to the thread running for each of the first two.
+from the record leaving B to the thread running for each of the first two, and how often
+B's thread, woken by ping, preempted it (ping still runnable). Then the stages again for
+each of the two ways A's thread was woken.
+
+Which way that is follows from the preemption: with ping still runnable on B's CPU, the
+scheduler puts A's thread on the idle CPU (the slow wake-up), and otherwise on B's CPU.
+Whether B's thread preempts ping is EEVDF's choice from both tasks' lag, and it alternates
+from ping to ping; the stage medians of one way are steadier than the mixed medians.
 """
 import collections
 import re
@@ -79,6 +86,8 @@ def parse(path):
                 "event": event,
                 "dev": dev.group(1) if dev else None,
                 "next": (sw.group(4), int(sw.group(5))) if sw else None,
+                # The task switched out still runnable (preempted), or not.
+                "preempted": sw.group(3).startswith("R") if sw else None,
             }
         )
     events.sort(key=lambda e: e["t"])
@@ -99,6 +108,7 @@ def follow(events, i, tunnel):
         if "t2" not in ts:
             if nxt and nxt[0] == thread:
                 ts["t2"], b = e["t"], nxt[1]
+                ts["b_preempted"] = e["preempted"]
         elif "t3" not in ts:
             if e["event"] == "net:net_dev_queue" and e["dev"] == "eth0" and e["tid"] == b:
                 ts["t3"], send_cpu = e["t"], e["cpu"]
@@ -131,6 +141,7 @@ def main(path):
     events = parse(path)
     stages = {t: collections.defaultdict(list) for t in TUNNELS}
     woken = {t: collections.Counter() for t in TUNNELS}
+    by_cpu = {t: collections.defaultdict(list) for t in TUNNELS}
     for i, e in enumerate(events):
         if not (e["event"] == "net:net_dev_queue" and e["comm"] == "ping" and e["dev"]):
             continue
@@ -141,8 +152,13 @@ def main(path):
         if ts is None:
             continue
         woken[tunnel][ts["a_woken"]] += 1
+        if ts["b_preempted"]:
+            woken[tunnel]["b preempted"] += 1
         if "t5" in ts:
             stages[tunnel]["woken " + ts["a_woken"]].append(ts["t5"] - ts["t3"])
+        for name, frm, to in STAGES:
+            if frm in ts and to in ts:
+                by_cpu[tunnel][(name, ts["a_woken"])].append(ts[to] - ts[frm])
         for name, frm, to in STAGES:
             if frm in ts and to in ts:
                 stages[tunnel][name].append(ts[to] - ts[frm])
@@ -160,8 +176,19 @@ def main(path):
             f"{t}: A woken on the sender's CPU {w['same CPU']} (UDP to A running "
             f"{statistics.median(same) if same else 0:.1f} µs), on the other CPU "
             f"{w['other CPU']} ({statistics.median(other) if other else 0:.1f} µs), "
-            f"running already {w['running']}, of {sum(w.values())} pings"
+            f"running already {w['running']}, of {w.total() - w['b preempted']} pings; "
+            f"B's thread preempted ping in {w['b preempted']}"
         )
+    # The same stages for each way A's thread got a CPU: the mix of the two moves the
+    # medians above by more than any one stage does.
+    for how in ("same CPU", "other CPU"):
+        print(f"\nA woken on the {'sender' + chr(39) + 's' if how == 'same CPU' else 'other'} CPU only:")
+        for name, _, _ in STAGES:
+            cells = []
+            for t in TUNNELS:
+                v = by_cpu[t][(name, how)]
+                cells.append(f"{statistics.median(v):8.1f} (n={len(v):3d})" if v else "-")
+            print(f"{name:<28}" + "".join(f"{c:>20}" for c in cells))
 
 
 if __name__ == "__main__":
