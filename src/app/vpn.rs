@@ -415,11 +415,12 @@ impl Tunnel {
         cache: &mut Option<(u32, Arc<Peer>)>,
         mut learned: Option<&mut Vec<(Arc<Peer>, SocketAddr)>>,
     ) {
+        let now = Instant::now();
         for rec in records(buf, stride) {
-            let peer = self.open_record(from, rec, w, cache);
+            let peer = self.open_record(now, from, rec, w, cache);
             if let (Some(p), Some(l)) = (peer, learned.as_deref_mut()) {
-                if !l.iter().any(|(q, f)| Arc::ptr_eq(q, &p) && *f == from) {
-                    l.push((p, from));
+                if !l.iter().any(|(q, f)| Arc::ptr_eq(q, p) && *f == from) {
+                    l.push((p.clone(), from));
                 }
             }
             // GRO coalescing works on batches of this size.
@@ -430,23 +431,21 @@ impl Tunnel {
     }
 
     /// Opens one record into the TUN batch; returns its peer if the record was authentic.
-    fn open_record(
+    /// The peer of the last record is kept in `cache` (a packet's cold turn then touches no
+    /// peer table and no reference count).
+    fn open_record<'c>(
         &self,
+        now: Instant,
         from: SocketAddr,
         rec: &[u8],
         w: &mut TunWriter,
-        cache: &mut Option<(u32, Arc<Peer>)>,
-    ) -> Option<Arc<Peer>> {
+        cache: &'c mut Option<(u32, Arc<Peer>)>,
+    ) -> Option<&'c Arc<Peer>> {
         let session = peek_receiver_session(rec)?;
-        let peer = match cache {
-            Some((s, p)) if *s == session => p.clone(),
-            _ => {
-                let p = self.peer_by_session(session)?;
-                *cache = Some((session, p.clone()));
-                p
-            }
-        };
-        let now = Instant::now();
+        if cache.as_ref().is_none_or(|(s, _)| *s != session) {
+            *cache = Some((session, self.peer_by_session(session)?));
+        }
+        let peer = &cache.as_ref()?.1;
         let buf = w.slot();
         let start = buf.len();
         let opened = peer.rx.lock().expect("rx lock").open(now, rec, buf).is_ok();
@@ -473,7 +472,7 @@ impl Tunnel {
         }
         let pkt = &w.bufs[w.n][start..];
         // Empty: a keepalive.
-        if !pkt.is_empty() && self.admit(&peer, pkt) {
+        if !pkt.is_empty() && self.admit(peer, pkt) {
             peer.stats.rx_udp.fetch_add(1, Ordering::Relaxed);
             w.commit();
         }

@@ -38,7 +38,7 @@ pub const UDP_SEND_WAIT: Duration = Duration::from_secs(1);
 /// A quiet socket is read one datagram at a time, but at most this many times in a row
 /// before a batch receive checks whether it is busy after all
 /// ([`UdpLink::try_recv_batch`]).
-pub const QUIET_BATCH_EVERY: u32 = 8;
+pub const QUIET_BATCH_EVERY: u32 = 32;
 
 /// Something that carries datagram records to a peer.
 pub trait PacketPath: Send + Sync {
@@ -443,7 +443,10 @@ mod tests {
         assert_eq!(got, count);
         let singles = QUIET_BATCH_EVERY as usize;
         assert!(sizes[..singles].iter().all(|&s| s == 1), "{sizes:?}");
-        assert_eq!(sizes[singles], 2, "one buffer first, filled, then two: {sizes:?}");
+        assert_eq!(
+            sizes[singles], 2,
+            "one buffer first, filled, then two: {sizes:?}"
+        );
         assert!(sizes.len() < count / 2, "mostly batches: {sizes:?}");
         // Each batch keeps the set or doubles it, never past BATCH_SIZE.
         assert!(
@@ -479,7 +482,11 @@ mod tests {
         assert_eq!((rb.bufs.len(), rb.quiet), (2, None));
         a.send_records_blocking(dest, b"ping", 4).unwrap();
         assert_eq!(recv_by(&b, &mut rb, deadline), 1);
-        assert_eq!(rb.quiet, Some(0), "a batch with room found one: quiet again");
+        assert_eq!(
+            rb.quiet,
+            Some(0),
+            "a batch with room found one: quiet again"
+        );
     }
 
     /// A socket connected to one peer shares the main socket's port: that peer's
