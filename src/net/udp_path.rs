@@ -489,6 +489,35 @@ mod tests {
         );
     }
 
+    /// The quiet path reads the sender's address and the GRO segment size over IPv6 too
+    /// (packet info and traffic class come along and must fit the control-message room).
+    #[test]
+    fn the_quiet_path_reads_ipv6_senders_and_gro() {
+        let Ok(b) = UdpLink::bind("[::1]:0".parse().unwrap()) else {
+            eprintln!("skipped: no IPv6 loopback");
+            return;
+        };
+        let a = UdpLink::bind("[::1]:0".parse().unwrap()).unwrap();
+        let dest = b.local_addr().unwrap();
+        let mut rb = b.recv_buffers();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        a.send_records_blocking(dest, b"ping", 4).unwrap();
+        assert_eq!(recv_by(&b, &mut rb, deadline), 1);
+        let (src, payload, stride) = rb.get(0);
+        assert_eq!(
+            (src, payload, stride),
+            (a.local_addr().unwrap(), &b"ping"[..], 4)
+        );
+        if a.max_segments() == 1 || b.state.gro_segments() == 1 {
+            eprintln!("GRO part skipped: no UDP GSO/GRO here");
+            return;
+        }
+        a.send_records_blocking(dest, &[2; 250], 100).unwrap();
+        assert_eq!(recv_by(&b, &mut rb, deadline), 1);
+        let (_, payload, stride) = rb.get(0);
+        assert_eq!((payload.len(), stride), (250, 100));
+    }
+
     /// A socket connected to one peer shares the main socket's port: that peer's
     /// datagrams reach it (and it answers from the same port), everyone else's still reach
     /// the main socket; closing it gives the peer back to the main socket.
