@@ -472,6 +472,10 @@ mod tests {
             assert_eq!(recv_by(&b, &mut rb, deadline), 1);
             assert_eq!(rb.quiet, Some(i));
         }
+        if a.max_segments() == 1 || b.state.gro_segments() == 1 {
+            eprintln!("the rest skipped: no UDP GSO/GRO here");
+            return;
+        }
         a.send_records_blocking(dest, &[1; 400], 100).unwrap();
         assert_eq!(recv_by(&b, &mut rb, deadline), 1);
         assert_eq!(rb.get(0).2, 100, "four records in one buffer");
