@@ -13,8 +13,9 @@
 # VPN flags, both sides, e.g. "--no-udp" for the TCP link or "--no-offload"), FR_REPS (1: qssh's first-reply
 # time is measured this many times, a fresh connector each time, and the median is shown
 # with min and max), IL_PINGS (400: pings per tunnel in the interleaved RTT run, both
-# tunnels up at once; 0 to skip), IL_SWAP (1: ping boringtun's series first), IL_PIN (1: the interleaved run with
-# everything in A on CPU 1 and everything in B on CPU 0, like two hosts), QSSH_BASE (another qssh binary, e.g. a build of the previous
+# tunnels up at once; 0 to skip), IL_SWAP (1: ping boringtun's series first), IL_PIN (1:
+# the interleaved run with everything in A on CPU 1 and everything in B on CPU 0, like two
+# hosts), QSSH_BASE (another qssh binary, e.g. a build of the previous
 # commit: the interleaved run then brings it up too, as a third tunnel, and prints the ratio;
 # QSSH_BASE_ARGS, its flags, default QSSH_ARGS), STAGES (1: during the interleaved run,
 # record kernel tracepoints with perf for 8 s and print each stage of a ping's round trip

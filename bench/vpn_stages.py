@@ -158,10 +158,8 @@ def main(path):
             stages[tunnel]["woken " + ts["a_woken"]].append(ts["t5"] - ts["t3"])
         for name, frm, to in STAGES:
             if frm in ts and to in ts:
-                by_cpu[tunnel][(name, ts["a_woken"])].append(ts[to] - ts[frm])
-        for name, frm, to in STAGES:
-            if frm in ts and to in ts:
                 stages[tunnel][name].append(ts[to] - ts[frm])
+                by_cpu[tunnel][(name, ts["a_woken"])].append(ts[to] - ts[frm])
     print(f"{'stage (median µs, samples)':<28}" + "".join(f"{t:>20}" for t in TUNNELS))
     for name, _, _ in STAGES:
         cells = []
@@ -181,8 +179,8 @@ def main(path):
         )
     # The same stages for each way A's thread got a CPU: the mix of the two moves the
     # medians above by more than any one stage does.
-    for how in ("same CPU", "other CPU"):
-        print(f"\nA woken on the {'sender' + chr(39) + 's' if how == 'same CPU' else 'other'} CPU only:")
+    for how, label in (("same CPU", "the sender's CPU"), ("other CPU", "the other CPU")):
+        print(f"\nA woken on {label} only:")
         for name, _, _ in STAGES:
             cells = []
             for t in TUNNELS:
